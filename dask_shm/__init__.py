@@ -1,0 +1,34 @@
+"""dask-shm: same-host shared memory for Dask distributed.
+
+Importing this package merges its configuration defaults into Dask's.  The
+``shm://`` comm backend is found through the ``distributed.comm.backends``
+entry point, so nothing needs importing by hand to use it.
+"""
+
+from __future__ import annotations
+
+from dask_shm.config import ConfigError, Settings, load_defaults, settings
+
+load_defaults()
+
+from dask_shm import stats  # noqa: E402
+from dask_shm.segments import (  # noqa: E402
+    DescriptorError,
+    SegmentMissing,
+    ShmError,
+    ShmFull,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DescriptorError",
+    "SegmentMissing",
+    "Settings",
+    "ShmError",
+    "ShmFull",
+    "settings",
+    "stats",
+    "__version__",
+]

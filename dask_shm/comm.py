@@ -1,0 +1,357 @@
+"""The ``shm://`` comm backend: distributed's TCP comm, with large frames moved
+through shared memory once the handshake has proved that both ends share the
+shm directory.
+
+Like distributed's TLS comm, this is TCP with what differs changed: the comm
+class extends the handshake and wraps ``read``/``write``; the connector,
+listener and backend only swap the prefix and the comm class.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import threading
+import weakref
+from typing import Any
+
+from distributed.comm.core import CommClosedError
+from distributed.comm.tcp import TCP, BaseTCPBackend, TCPConnector, TCPListener
+from distributed.comm.utils import OFFLOAD_THRESHOLD, from_frames, to_frames
+from distributed.protocol.serialize import Pickled
+from distributed.sizeof import safe_sizeof
+from distributed.utils import nbytes, offload
+from tornado import gen
+
+from dask_shm import stats
+from dask_shm.config import Settings, settings
+from dask_shm.pool import Pool, get_pool
+from dask_shm.segments import (
+    DescriptorError,
+    Owner,
+    SegmentMissing,
+    ShmDirectory,
+    _quiet_sweep,
+    create_probe,
+    current_owner,
+    read_probe,
+)
+from dask_shm.transfer import InFlight, assemble, place
+
+__all__ = ["SHM", "SHMConnector", "SHMListener", "SHMBackend", "Link"]
+
+logger = logging.getLogger(__name__)
+
+#: Version of the handshake and descriptor protocol; peers must agree.
+PROTOCOL = 1
+#: How long a gracefully closed comm leaves un-taken-over segments for the
+#: peer to read before unlinking them.
+CLOSE_GRACE = 10.0
+#: Delay before sweeping a vanished peer's segments (let it finish dying).
+PEER_SWEEP_DELAY = 1.0
+#: Large frames are never split into shards on the shared-memory path: a
+#: segment holds a whole buffer, so the receiver's view of it is one piece.
+NO_SPLIT = 2**62
+
+_unusable_warned = False
+
+
+class Link:
+    """What a comm negotiated: shared memory with a proven peer.
+
+    It also travels to serialization families in the write ``context``
+    (key ``"dask-shm"``), so they can place buffers for this hop only.
+    """
+
+    def __init__(
+        self, directory: ShmDirectory, peer: Owner, relay: bool, conf: Settings
+    ) -> None:
+        self.directory = directory
+        self.peer = peer
+        #: The peer does not deserialize (a scheduler): what it receives is
+        #: forwarded elsewhere, so serialization families must not describe
+        #: segments to it (the comm itself re-places frames at every hop).
+        self.relay = relay
+        self.threshold = conf.threshold
+        self.cold_transfer = conf.cold_transfer
+        self.pool: Pool = get_pool(conf.pool_size, conf.pool_idle_timeout)
+        self.inflight = InFlight(directory)
+
+    def __repr__(self) -> str:
+        return f"<Link {self.directory.path} peer pid {self.peer.pid}>"
+
+
+class _Envelope:
+    """A message whose frames partly live in shared memory (see :class:`SHM`)."""
+
+    __slots__ = ("descriptor", "frames")
+
+    def __init__(self, descriptor: bytes | None, *frames: Any) -> None:
+        self.descriptor = descriptor
+        self.frames = list(frames)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Envelope, (self.descriptor, *map(pickle.PickleBuffer, self.frames)))
+
+    def pickled(self) -> Pickled:
+        out: list[memoryview] = []
+        pik = pickle.dumps(self, protocol=5, buffer_callback=lambda b: out.append(b.raw()))
+        return Pickled({"pickled-obj": pik}, out)
+
+
+def _local_directory() -> tuple[Settings, ShmDirectory | None]:
+    """Settings, and the shm directory if this process may use it."""
+    global _unusable_warned
+    conf = settings()
+    if not conf.enabled:
+        return conf, None
+    reason = ShmDirectory.unusable_reason(conf.directory)
+    if reason is not None:
+        if not _unusable_warned:
+            _unusable_warned = True
+            logger.warning(
+                "dask-shm: shared memory is unusable (%s); shm:// comms use plain TCP. "
+                "Set dask-shm.directory to a writable tmpfs to enable it.",
+                reason,
+            )
+        return conf, None
+    return conf, ShmDirectory.get(conf.directory)
+
+
+class SHM(TCP):
+    """A TCP comm that moves large frames through shared memory.
+
+    Notes
+    -----
+    **Handshake.**  ``handshake_info`` adds ``"dask-shm": {"version", "probe",
+    "owner", "relay"}``: ``probe`` names a fresh file in the shm directory
+    holding a random token, ``owner`` is this process's (pid, start time, pid
+    namespace).  If both peers sent the key with the same version, each reads
+    the other's probe and both exchange one extra message
+    ``{"dask-shm-echo": token-or-None}``.  Shared memory is used only if each
+    side read the other's token: that proves a shared directory, the same
+    user and the same host, whatever the IP addresses say.  Otherwise, or if
+    the peer is a plain TCP comm, nothing more is exchanged and the comm is
+    TCP byte for byte.
+
+    **Messages.**  After a successful handshake, a message that might hold a
+    frame of ``dask-shm.threshold`` bytes or more is serialized here (without
+    sharding); each such frame is copied into its own pre-faulted segment and
+    the message is written as a ``Pickled`` envelope: the descriptor (see
+    :mod:`dask_shm.descriptor`) in-band and the remaining frames out-of-band,
+    so TCP sends them without copying.  The receiver validates the
+    descriptor, takes each segment over by renaming it, maps it, and
+    deserializes the frames zero-copy.  All other messages are plain TCP.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._probe: tuple[ShmDirectory, str, str] | None = None
+        self._link: Link | None = None
+
+    # -- handshake -----------------------------------------------------------
+
+    def handshake_info(self) -> dict[str, Any]:
+        info = super().handshake_info()
+        conf, directory = _local_directory()
+        if directory is not None:
+            name, token = create_probe(directory)
+            self._probe = (directory, name, token)
+            info["dask-shm"] = {
+                "version": PROTOCOL,
+                "probe": name,
+                "owner": current_owner().as_tuple(),
+                "relay": not self.deserialize,
+            }
+        return info
+
+    async def _negotiate(self, remote: Any) -> None:
+        assert self._probe is not None
+        directory, probe, token = self._probe
+        try:
+            theirs = remote.get("dask-shm") if isinstance(remote, dict) else None
+            if not isinstance(theirs, dict) or theirs.get("version") != PROTOCOL:
+                stats.count("handshake-plain")
+                return
+            try:
+                peer = Owner(*map(int, theirs["owner"]))
+                their_token = read_probe(directory, theirs["probe"], peer)
+            except (KeyError, TypeError, ValueError):
+                peer, their_token = None, None
+            await super().write({"dask-shm-echo": their_token})
+            echo = await super().read()
+        finally:
+            directory.unlink(probe)
+            self._probe = None
+        ok = (
+            peer is not None
+            and their_token is not None
+            and isinstance(echo, dict)
+            and echo.get("dask-shm-echo") == token
+        )
+        if not ok:
+            stats.count("handshake-no-probe")
+            logger.debug("%s: peer does not share %s; using TCP", self, directory.path)
+            return
+        self._link = link = Link(directory, peer, bool(theirs.get("relay")), settings())
+        stats.count("handshake-shm")
+        weakref.finalize(self, link.inflight.discard)
+
+    def handshake_configuration(
+        self, local: dict[str, Any], remote: dict[str, Any]
+    ) -> dict[str, Any]:
+        out = super().handshake_configuration(local, remote)
+        if self._link is not None:
+            out["dask-shm"] = self._link
+            out["compression"] = None  # same memory: nothing to gain
+        return out
+
+    @property
+    def link(self) -> Link | None:
+        """The negotiated shared-memory link, or None if this comm is plain TCP."""
+        return self._link
+
+    # -- messages ------------------------------------------------------------
+
+    async def write(self, msg: Any, serializers: Any = None, on_error: str = "message") -> int:
+        link = self._link
+        if link is None or safe_sizeof(msg, default_size=0) < link.threshold:
+            return await super().write(msg, serializers, on_error)
+
+        frames = await to_frames(
+            msg,
+            allow_offload=self.allow_offload,
+            serializers=serializers,
+            on_error=on_error,
+            context={
+                "sender": self.local_info,
+                "recipient": self.remote_info,
+                **self.handshake_options,
+            },
+            frame_split_size=NO_SPLIT,
+        )
+        link.inflight.prune()
+        kwargs = dict(
+            directory=link.directory,
+            pool=link.pool,
+            threshold=link.threshold,
+            cold_transfer=link.cold_transfer,
+        )
+        if sum(map(nbytes, frames)) > OFFLOAD_THRESHOLD:
+            placed = await offload(place, frames, **kwargs)
+        else:
+            placed = place(frames, **kwargs)
+        link.inflight.add(placed.names)
+        if placed.descriptor is None:
+            stats.count("tcp-messages")
+            stats.count("tcp-bytes", sum(map(nbytes, frames)))
+        else:
+            stats.count("shm-messages")
+            stats.count("shm-bytes", placed.nbytes)
+        envelope = _Envelope(placed.descriptor, *placed.inline)
+        try:
+            n = await super().write(envelope.pickled(), on_error="raise")
+        except BaseException:
+            link.inflight.discard()
+            raise
+        return n + placed.nbytes
+
+    async def read(self, deserializers: Any = None) -> Any:
+        if self._probe is not None:  # the peer's handshake
+            msg = await super().read(deserializers)
+            await self._negotiate(msg)
+            return msg
+        link = self._link
+        if link is None:
+            return await super().read(deserializers)
+        try:
+            msg = await super().read(deserializers)
+        except CommClosedError:
+            self._sweep_peer_later()
+            raise
+        if type(msg) is not _Envelope:
+            return msg
+        frames = msg.frames
+        if msg.descriptor is not None:
+            try:
+                frames = assemble(
+                    msg.descriptor,
+                    frames,
+                    directory=link.directory,
+                    owner=link.peer,
+                    pool=link.pool,
+                )
+            except (DescriptorError, SegmentMissing) as e:
+                self.abort()
+                raise CommClosedError(f"in {self}: {e}") from e
+        try:
+            return await from_frames(
+                frames,
+                deserialize=self.deserialize,
+                deserializers=deserializers,
+                allow_offload=self.allow_offload,
+            )
+        except EOFError:
+            self.abort()
+            raise CommClosedError(f"in {self}: aborted stream on truncated data")
+
+    # -- ending ----------------------------------------------------------------
+
+    def _release(self, grace: float) -> None:
+        if self._probe is not None:
+            directory, probe, _ = self._probe
+            directory.unlink(probe)
+            self._probe = None
+        link = self._link
+        if link is not None and len(link.inflight):
+            if grace > 0:
+                timer = threading.Timer(grace, link.inflight.discard)
+                timer.daemon = True
+                timer.start()
+            else:
+                link.inflight.discard()
+
+    def _sweep_peer_later(self) -> None:
+        link = self._link
+        if link is not None:
+            timer = threading.Timer(
+                PEER_SWEEP_DELAY, _quiet_sweep, (link.directory,), {"owner": link.peer}
+            )
+            timer.daemon = True
+            timer.start()
+
+    @gen.coroutine
+    def close(self):  # type: ignore[no-untyped-def]
+        # A generator coroutine like TCP.close (see the comment there).
+        try:
+            yield super().close()
+        finally:
+            self._release(CLOSE_GRACE)
+
+    def abort(self) -> None:
+        super().abort()
+        self._release(0)
+
+
+class SHMConnector(TCPConnector):
+    prefix = "shm://"
+    comm_class = SHM
+    encrypted = False
+
+
+class SHMListener(TCPListener):
+    prefix = "shm://"
+    comm_class = SHM
+    encrypted = False
+
+    async def start(self) -> None:
+        settings()  # an invalid configuration fails here, at start-up
+        await super().start()
+
+
+class SHMBackend(BaseTCPBackend):
+    """The ``shm`` scheme, registered through the ``distributed.comm.backends``
+    entry point."""
+
+    _connector_class = SHMConnector
+    _listener_class = SHMListener

@@ -1,0 +1,54 @@
+"""Per-process counters: what went through shared memory, what did not, and why.
+
+Read them in any process with :func:`snapshot` (for a cluster:
+``client.run(dask_shm.stats.snapshot)``).  Names:
+
+``shm-messages`` / ``shm-bytes``
+    Messages carrying at least one shared-memory frame, and the bytes placed.
+``tcp-messages`` / ``tcp-bytes``
+    Messages (and their frame bytes) written on ``shm://`` comms entirely
+    over TCP.
+``fallback-<reason>``
+    Frames at or above the threshold that went over TCP anyway, by reason:
+    ``cold`` (no pre-faulted segment fitted), ``enospc`` (the directory was
+    full), ``no-probe`` (the peer failed the handshake probe: another host,
+    user or directory), ``disabled`` (``dask-shm.enabled`` is false or the
+    directory is unusable).
+``below-threshold``
+    Messages whose frames were all smaller than ``dask-shm.threshold``.
+``segments-created`` / ``segments-received``
+    Segments this process created (all in the background unless
+    ``cold-transfer: shm``) and took over from peers.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+__all__ = ["count", "snapshot", "reset"]
+
+_counts: Counter[str] = Counter()
+_lock = threading.Lock()
+
+
+def count(name: str, n: int = 1) -> None:
+    """Add ``n`` to counter ``name``."""
+    with _lock:
+        _counts[name] += n
+
+
+def snapshot() -> dict[str, int]:
+    """All counters of this process, with the pool's current state."""
+    from dask_shm.pool import get_pool
+
+    with _lock:
+        out = dict(_counts)
+    out.update({f"pool-{k}": v for k, v in get_pool().info().items()})
+    return out
+
+
+def reset() -> None:
+    """Set every counter to zero (for tests and benchmarks)."""
+    with _lock:
+        _counts.clear()

@@ -1,0 +1,86 @@
+"""Shared fixtures.  Every test is checked for leaks: a segment of ours left in
+the shm directory, or a comm left open, fails it."""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from collections.abc import Iterator
+
+import dask
+import pytest
+from distributed.comm.core import Comm
+
+import dask_shm  # noqa: F401  (loads the configuration defaults)
+from dask_shm import stats
+from dask_shm.pool import get_pool
+from dask_shm.segments import PREFIX
+
+SHM_DIR = "/dev/shm"
+#: How long a test's processes may take to finish releasing what they own
+#: (subprocess exit, graceful-close grace periods are longer and are not
+#: waited for: a test must not leave anything in flight).
+SETTLE = 10.0
+
+
+def ours(directory: str = SHM_DIR) -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(directory) if n.startswith(PREFIX))
+    except FileNotFoundError:
+        return []
+
+
+def wait_for(predicate, timeout: float = SETTLE, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+
+
+def _open_comms() -> list[Comm]:
+    return [c for c in list(Comm._instances) if not c.closed()]
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves a segment in /dev/shm or a comm open."""
+    before = set(ours())
+    assert not before, f"segments left by something before this test: {before}"
+    stats.reset()
+    yield
+    gc.collect()
+    get_pool().trim()  # this process's idle pool is not a leak; anything else is
+    leaked_comms = []
+    if not wait_for(lambda: not _open_comms(), timeout=5):
+        leaked_comms = [repr(c) for c in _open_comms()]
+        for c in _open_comms():
+            c.abort()
+
+    def settled() -> bool:
+        gc.collect()
+        return not ours()
+
+    left = [] if wait_for(settled) else ours()
+    for name in left:  # don't let one failure cascade into every later test
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+        except FileNotFoundError:
+            pass
+    assert not leaked_comms, f"comms left open: {leaked_comms}"
+    assert not left, f"segments left in {SHM_DIR}: {left}"
+
+
+@pytest.fixture
+def shm_config() -> Iterator[None]:
+    """Shared memory for every large frame, even on a cold pool: tests that
+    check zero-copy need the first transfer to go through a segment."""
+    with dask.config.set({"dask-shm.cold-transfer": "shm"}):
+        yield
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
