@@ -254,6 +254,8 @@ class SHM(TCP):
         except BaseException:
             link.inflight.discard()
             raise
+        for size in placed.warm:
+            link.pool.warm(link.directory, size)
         return n + placed.nbytes
 
     async def read(self, deserializers: Any = None) -> Any:

@@ -1,20 +1,32 @@
-"""A per-process pool of mapped, pre-faulted segments.
+"""A per-process pool of mapped, pre-faulted segments, and the host's free list.
 
 Why a pool: on this kind of machine a *fresh* tmpfs page costs far more than
 copying into it (a fresh 400 MB segment fills at ~1.5 GB/s, slower than
 loopback TCP), while a segment that is already mapped and touched fills at
 memcpy speed (~14 GB/s).  So senders copy into pooled segments only.
 
-Where pooled segments come from:
+Two tiers:
 
-- a receiver's segment goes back to the receiver's pool when its last view
-  dies (it is already mapped: recycling costs nothing);
-- a miss ("cold" transfer) or a take that empties a size class asks the
-  housekeeping thread to create one in the background, off the event loop.
+- **Mapped** (this process): ready to write into at memcpy speed; they count
+  in this process's RSS.  At most :data:`PER_CLASS` per size class and
+  ``dask-shm.pool-size`` bytes in all.
+- **Parked** (the host): unmapped segments under free names (see
+  ``segments.py``).  Their pages stay allocated but in nobody's RSS; any of
+  our processes may claim one, which costs a page-table fill (~45 ms per
+  400 MB here) instead of allocating and zeroing pages (~230 ms).  Each
+  process parks at most ``dask-shm.pool-size`` bytes.
 
-The pool holds at most ``dask-shm.pool-size`` bytes of idle segments (they
-count in this process's RSS) and releases those idle for longer than
-``dask-shm.pool-idle-timeout``.  Sizes are rounded up to classes a quarter
+Flow: a received segment goes back to the receiver's mapped tier when its last
+view dies, or is parked if that tier already holds one of its size.  A sender
+that takes the last mapped segment of a size, or finds none (a *cold*
+transfer, which goes over TCP), asks the housekeeping thread to *warm* one:
+claim a parked segment of that size, else create one.  So in a one-way flow
+(worker A to worker B, client to workers) the sender refills from what the
+receiver released.  Warming runs at low CPU priority, after the message that
+triggered it was written.
+
+Idle segments are released after ``dask-shm.pool-idle-timeout``: mapped ones
+are parked, parked ones unlinked.  Sizes are rounded up to classes a quarter
 power of two apart, so a segment serves any frame up to 25 % smaller.
 """
 
@@ -35,27 +47,32 @@ from dask_shm.segments import (
     ShmError,
     ShmFull,
     _quiet_sweep,
+    list_parked,
 )
 
-__all__ = ["Pool", "size_class", "get_pool"]
+__all__ = ["Pool", "size_class", "get_pool", "PER_CLASS"]
 
 logger = logging.getLogger(__name__)
 
 #: Smallest segment we create: below this a pool slot is not worth its fd.
 MIN_SEGMENT = 64 * 1024
-
+#: Mapped idle segments kept per size class; more are parked for others.
+PER_CLASS = 1
 #: How often the housekeeping thread looks for idle segments and orphans.
 HOUSEKEEPING_INTERVAL = 1.0
 SWEEP_INTERVAL = 60.0
+#: Niceness of the housekeeping thread: warming must not slow a transfer.
+WARM_NICENESS = 10
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def size_class(n: int) -> int:
     """The segment size used for a frame of ``n`` bytes (>= n, page-aligned)."""
     n = max(n, MIN_SEGMENT)
-    e = math.frexp(n)[1] - 3  # n < 2**(e + 3)
-    step = 1 << e  # classes are 4..8 steps of 2**e: quarter powers of two
-    c = -(-n // step) * step
-    return -(-c // os.sysconf("SC_PAGE_SIZE")) * os.sysconf("SC_PAGE_SIZE")
+    e = math.frexp(n)[1] - 3  # n < 2**(e + 3); classes step by 2**e
+    c = -(-n // (1 << e)) << e
+    return -(-c // _PAGE) * _PAGE
 
 
 class Pool:
@@ -67,6 +84,8 @@ class Pool:
         self._lock = threading.Lock()
         self._idle: dict[tuple[str, int], deque[Segment]] = {}
         self._idle_bytes = 0
+        self._parked: deque[tuple[float, ShmDirectory, str, int]] = deque()
+        self._parked_bytes = 0
         self._warming: set[tuple[str, int]] = set()
         self._requests: queue.SimpleQueue[tuple[ShmDirectory, int]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -74,8 +93,9 @@ class Pool:
 
     # -- taking and giving back -------------------------------------------
 
-    def take(self, directory: ShmDirectory, n: int) -> Segment | None:
-        """An idle, mapped segment that fits ``n`` bytes, or None (a miss)."""
+    def take(self, directory: ShmDirectory, n: int) -> tuple[Segment | None, bool]:
+        """An idle mapped segment fitting ``n`` bytes (or None: a miss), and
+        whether one should be warmed to replace it."""
         c = size_class(n)
         with self._lock:
             for cls in (c, size_class(c + 1)):
@@ -83,41 +103,53 @@ class Pool:
                 if q:
                     seg = q.pop()
                     self._idle_bytes -= seg.size
-                    return seg
-        return None
+                    return seg, not q
+        return None, True
 
     def put(self, seg: Segment) -> None:
-        """Keep ``seg`` for reuse, or destroy it if it does not fit the limit.
+        """Keep ``seg`` mapped for reuse, or park it for another process.
 
         Used as the release callback of received segments, so it may run in
         any thread.
         """
-        if seg.mapping is None or seg.size > self.limit:
+        if seg.mapping is None:
             seg.destroy()
             return
         seg.last_used = time.monotonic()
-        evicted = []
         with self._lock:
-            self._idle.setdefault((seg.directory.path, seg.size), deque()).append(seg)
-            self._idle_bytes += seg.size
-            while self._idle_bytes > self.limit:
-                evicted.append(self._pop_oldest())
-        for old in evicted:
-            old.destroy()
+            q = self._idle.setdefault((seg.directory.path, seg.size), deque())
+            keep = len(q) < PER_CLASS and self._idle_bytes + seg.size <= self.limit
+            if keep:
+                q.append(seg)
+                self._idle_bytes += seg.size
+        if not keep:
+            self._park(seg)
         self._ensure_thread()
 
-    def _pop_oldest(self) -> Segment:
-        key = min(
-            (k for k, q in self._idle.items() if q), key=lambda k: self._idle[k][0].last_used
-        )
-        seg = self._idle[key].popleft()
-        self._idle_bytes -= seg.size
-        return seg
+    def _park(self, seg: Segment) -> None:
+        if seg.size > self.limit:
+            seg.destroy()
+            return
+        try:
+            name = seg.park()
+        except OSError:
+            seg.destroy()
+            return
+        stats.count("segments-parked")
+        evicted = []
+        with self._lock:
+            self._parked.append((time.monotonic(), seg.directory, name, seg.size))
+            self._parked_bytes += seg.size
+            while self._parked_bytes > self.limit:
+                evicted.append(self._parked.popleft())
+                self._parked_bytes -= evicted[-1][3]
+        for _, directory, old, _ in evicted:
+            directory.unlink(old)
 
     # -- background work ---------------------------------------------------
 
     def warm(self, directory: ShmDirectory, n: int) -> None:
-        """Ask for a segment fitting ``n`` bytes to be created in the background."""
+        """Have a segment fitting ``n`` bytes made ready in the background."""
         c = size_class(n)
         key = (directory.path, c)
         with self._lock:
@@ -128,15 +160,18 @@ class Pool:
         self._requests.put((directory, c))
 
     def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            with self._lock:
-                if self._thread is None or not self._thread.is_alive():
-                    self._thread = threading.Thread(
-                        target=self._housekeeping, name="dask-shm-pool", daemon=True
-                    )
-                    self._thread.start()
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._housekeeping, name="dask-shm-pool", daemon=True
+                )
+                self._thread.start()
 
     def _housekeeping(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WARM_NICENESS)
+        except (OSError, AttributeError):
+            pass
         last_sweep = time.monotonic()
         while True:
             try:
@@ -144,7 +179,7 @@ class Pool:
             except queue.Empty:
                 pass
             else:
-                self._create(directory, size)
+                self._make_ready(directory, size)
                 continue
             now = time.monotonic()
             self.trim(now - self.idle_timeout)
@@ -153,46 +188,83 @@ class Pool:
                 for d in list(ShmDirectory._cache.values()):
                     _quiet_sweep(d)
 
-    def _create(self, directory: ShmDirectory, size: int) -> None:
+    def _make_ready(self, directory: ShmDirectory, size: int) -> None:
+        seg = None
         try:
-            seg = Segment.create(directory, size)
+            seg = self._claim(directory, size)
+            if seg is not None:
+                stats.count("segments-claimed")
+            else:
+                seg = Segment.create(directory, size)
+                stats.count("segments-created")
         except ShmFull as e:
             stats.count("fallback-enospc-warm")
             if not self._full_warned:
                 self._full_warned = True
                 logger.warning("dask-shm: %s", e.strerror)
-            return
         except (OSError, ShmError) as e:
             logger.debug("could not warm a %d-byte segment: %s", size, e)
-            return
         finally:
-            with self._lock:
+            with self._lock:  # ready and no longer warming, atomically
+                if seg is not None:
+                    seg.last_used = time.monotonic()
+                    self._idle.setdefault((directory.path, seg.size), deque()).append(seg)
+                    self._idle_bytes += seg.size
                 self._warming.discard((directory.path, size))
-        stats.count("segments-created")
-        self.put(seg)
+
+    def _claim(self, directory: ShmDirectory, size: int) -> Segment | None:
+        """Claim a parked segment of class ``size`` (ours first, then anyone's)."""
+        with self._lock:
+            mine = [p for p in self._parked if p[1] is directory and p[3] == size]
+        candidates = [p[2] for p in mine] + [
+            name for name, n in list_parked(directory) if n == size
+        ]
+        for name in candidates:
+            seg = Segment.claim(directory, name)
+            if seg is not None:
+                self._forget_parked(name)
+                return seg
+        return None
+
+    def _forget_parked(self, name: str) -> None:
+        with self._lock:
+            for i, p in enumerate(self._parked):
+                if p[2] == name:
+                    del self._parked[i]
+                    self._parked_bytes -= p[3]
+                    return
 
     # -- trimming ------------------------------------------------------------
 
     def trim(self, older_than: float = math.inf) -> int:
-        """Destroy idle segments last used before ``older_than`` (monotonic
-        seconds; default: all).  Returns the bytes released."""
-        victims = []
+        """Release idle segments last used before ``older_than`` (monotonic
+        seconds; default: all): mapped ones are parked, parked ones unlinked;
+        with the default everything is unlinked.  Returns the bytes released."""
+        everything = older_than == math.inf
+        victims, stale = [], []
         with self._lock:
             for q in self._idle.values():
                 while q and q[0].last_used < older_than:
                     seg = q.popleft()
                     self._idle_bytes -= seg.size
                     victims.append(seg)
+            while self._parked and self._parked[0][0] < older_than:
+                stale.append(self._parked.popleft())
+                self._parked_bytes -= stale[-1][3]
         for seg in victims:
-            seg.destroy()
-        return sum(s.size for s in victims)
+            seg.destroy() if everything else self._park(seg)
+        for _, directory, name, _ in stale:
+            directory.unlink(name)  # gone already if someone claimed it
+        return sum(s.size for s in victims) + sum(p[3] for p in stale)
 
     def info(self) -> dict[str, int]:
-        """Idle segments and bytes held, and warm-ups in progress."""
+        """Idle mapped and parked segments and bytes, and warm-ups in progress."""
         with self._lock:
             return {
                 "idle-segments": sum(len(q) for q in self._idle.values()),
                 "idle-bytes": self._idle_bytes,
+                "parked-segments": len(self._parked),
+                "parked-bytes": self._parked_bytes,
                 "warming": len(self._warming),
                 "limit": self.limit,
             }

@@ -8,7 +8,8 @@ responsible for it::
 
     dask-shm-<pid>-<start time>-<pid namespace>-<kind>-<128 random bits>
 
-``kind`` is ``s`` for data segments and ``p`` for handshake probes.  The start
+``kind`` is ``s`` for data segments, ``f`` for free (parked) ones and ``p``
+for handshake probes.  The start
 time (from ``/proc/<pid>/stat``) makes the name survive pid reuse; the random
 part makes it unguessable.  Responsibility moves with the name:
 
@@ -25,9 +26,13 @@ part makes it unguessable.  Responsibility moves with the name:
    cleans up" wins.  Then it opens, checks and maps the file.
 4. **Release.**  The receiver's buffers are views of one exporter object per
    segment; when the last view dies the segment goes back to *its* pool (it
-   is mapped already, so the next send from this process is fast) or, if the
-   pool is full, is unlinked.  Mappings are never ``close()``-d while exported;
-   reference counting unmaps them.
+   is mapped already, so the next send from this process is fast) or is
+   *parked*: unmapped and renamed to a free (``f``) name of its own, still
+   responsible for it, so that any of our processes can *claim* its already
+   allocated pages by renaming it to its own name (claiming costs a page-table
+   fill, creating costs allocating and zeroing every page).  Parked segments
+   nobody claims are unlinked by their parker when idle.  Mappings are never
+   ``close()``-d while exported; reference counting unmaps them.
 5. **Exit.**  A process unlinks every segment it is responsible for at exit
    (``atexit``, and multiprocessing's finalizers for forked children that
    leave through ``os._exit``), then sweeps orphans (below).
@@ -89,6 +94,7 @@ __all__ = [
     "create_probe",
     "read_probe",
     "list_segments",
+    "list_parked",
     "sweep",
     "owned_names",
 ]
@@ -100,7 +106,7 @@ PREFIX = "dask-shm-"
 
 _NAME_RE = re.compile(
     r"dask-shm-(?P<pid>[0-9]{1,10})-(?P<start>[0-9]{1,20})-(?P<ns>[0-9]{1,20})"
-    r"-(?P<kind>[ps])-(?P<token>[0-9a-f]{32})"
+    r"-(?P<kind>[psf])-(?P<token>[0-9a-f]{32})"
 )
 #: Longest valid name; anything longer is refused before a regex runs.
 MAX_NAME_LENGTH = 9 + 10 + 1 + 20 + 1 + 20 + 3 + 32
@@ -500,6 +506,50 @@ class Segment:
             os.close(fd)
         return cls(directory, mine, st.st_size, mapping)
 
+    def park(self) -> str:
+        """Unmap and rename to a free name of ours; return that name.
+
+        The pages stay allocated for a later :meth:`claim` by any process.
+        Safe to call from a release callback: the mapping is dropped, not
+        closed, and unmapped once its last view is gone.
+        """
+        free = new_name("f")
+        os.rename(self.name, free, src_dir_fd=self.directory.fd, dst_dir_fd=self.directory.fd)
+        _forget_owned(self.directory, self.name)
+        _own(self.directory, free)
+        self.name, self.mapping = free, None
+        return free
+
+    @classmethod
+    def claim(cls, directory: ShmDirectory, name: str) -> Segment | None:
+        """Take a parked segment (any owner of our uid) and map it pre-faulted;
+        None if another process claimed it first or it is not acceptable."""
+        if parse_name(name)[1] != "f":
+            raise DescriptorError(f"{name} is not a free segment")
+        mine = new_name("s")
+        try:
+            os.rename(name, mine, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
+        except FileNotFoundError:
+            return None  # lost the race: fine
+        _own(directory, mine)
+        try:
+            fd = os.open(mine, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
+        except OSError:
+            directory.unlink(mine)
+            return None
+        try:
+            st = os.fstat(fd)
+            if _check_file(st, 1) is not None:
+                directory.unlink(mine)
+                return None
+            mapping = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED | _MAP_POPULATE)
+        except BaseException:
+            directory.unlink(mine)
+            raise
+        finally:
+            os.close(fd)
+        return cls(directory, mine, st.st_size, mapping)
+
     def hand_over(self) -> str:
         """Unmap (the receiver will own these pages) and return the name to send.
 
@@ -635,6 +685,18 @@ def list_segments(directory: ShmDirectory) -> list[SegmentInfo]:
         except FileNotFoundError:
             continue
         out.append(SegmentInfo(name, owner, kind, size, alive[owner]))
+    return out
+
+
+def list_parked(directory: ShmDirectory) -> list[tuple[str, int]]:
+    """(name, size) of every parked segment in ``directory``, any owner."""
+    out = []
+    for name, _owner, kind in _scan(directory):
+        if kind == "f":
+            try:
+                out.append((name, os.stat(name, dir_fd=directory.fd, follow_symlinks=False).st_size))
+            except FileNotFoundError:
+                pass
     return out
 
 

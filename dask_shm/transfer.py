@@ -48,6 +48,9 @@ class Placed:
     inline: list[Frame]
     names: list[str] = field(default_factory=list)
     nbytes: int = 0
+    #: Frame sizes whose size class should be warmed for the next message
+    #: (call :meth:`Pool.warm` once the message is on its way).
+    warm: list[int] = field(default_factory=list)
 
 
 def place(
@@ -62,10 +65,12 @@ def place(
 
     Frames that find no segment (a cold pool with ``cold_transfer="tcp"``, or
     a full directory) stay inline; so does everything smaller.  Blocking:
-    call it off the event loop for large messages.
+    call it off the event loop for large messages.  It does not warm the
+    pool itself: warming competes for the CPU with sending.
     """
     placements: list[Placement] = []
     inline: list[Frame] = []
+    warm: list[int] = []
     nbytes = 0
     for i, frame in enumerate(frames):
         mv = memoryview(frame)
@@ -73,9 +78,10 @@ def place(
         if n < threshold or not mv.c_contiguous:
             inline.append(frame)
             continue
-        seg = pool.take(directory, n)
+        seg, replace = pool.take(directory, n)
+        if replace:
+            warm.append(n)
         if seg is None:
-            pool.warm(directory, n)
             if cold_transfer != "shm":
                 stats.count("fallback-cold")
                 inline.append(frame)
@@ -88,8 +94,6 @@ def place(
                 inline.append(frame)
                 continue
             stats.count("segments-created")
-        else:
-            pool.warm(directory, n)  # keep one ready for the next message
         assert seg.mapping is not None
         dst = np.frombuffer(seg.mapping, dtype=np.uint8, count=n)
         dst[:] = np.frombuffer(mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv, np.uint8)
@@ -97,9 +101,9 @@ def place(
         placements.append(Placement(i, seg.hand_over(), 0, n))
         nbytes += n
     if not placements:
-        return Placed(None, list(frames))
+        return Placed(None, list(frames), warm=warm)
     return Placed(
-        encode(len(frames), placements), inline, [p.name for p in placements], nbytes
+        encode(len(frames), placements), inline, [p.name for p in placements], nbytes, warm
     )
 
 

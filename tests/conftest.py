@@ -53,7 +53,10 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     stats.reset()
     yield
     gc.collect()
-    get_pool().trim()  # this process's idle pool is not a leak; anything else is
+    # This process's pool is not a leak (anything else is): let warm-ups
+    # finish, then empty it.
+    wait_for(lambda: get_pool().info()["warming"] == 0)
+    get_pool().trim()
     leaked_comms = []
     if not wait_for(lambda: not _open_comms(), timeout=5):
         leaked_comms = [repr(c) for c in _open_comms()]
