@@ -79,9 +79,10 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
 
 @pytest.fixture
 def shm_config() -> Iterator[None]:
-    """Shared memory for every large frame, even on a cold pool: tests that
-    check zero-copy need the first transfer to go through a segment."""
-    with dask.config.set({"dask-shm.cold-transfer": "shm"}):
+    """Shared memory for every frame of 64 KiB or more, even on a cold pool:
+    tests that check zero-copy need the first transfer to go through a
+    segment, and mid-sized frames exercise the path too."""
+    with dask.config.set({"dask-shm.cold-transfer": "shm", "dask-shm.threshold": "64 KiB"}):
         yield
 
 
