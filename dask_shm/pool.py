@@ -54,6 +54,7 @@ from dask_shm.segments import (
     ShmFull,
     _quiet_sweep,
     list_parked,
+    warn_full_once,
 )
 
 __all__ = ["Pool", "size_class", "get_pool"]
@@ -100,7 +101,6 @@ class Pool:
         self._warming: set[tuple[str, int]] = set()
         self._requests: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._full_warned = False
 
     # -- taking and giving back -------------------------------------------
 
@@ -221,9 +221,7 @@ class Pool:
                 stats.count("segments-created")
         except ShmFull as e:
             stats.count("fallback-enospc-warm")
-            if not self._full_warned:
-                self._full_warned = True
-                logger.warning("dask-shm: %s", e.strerror)
+            warn_full_once(e)
         except (OSError, ShmError) as e:
             logger.debug("could not warm a %d-byte segment: %s", size, e)
         finally:

@@ -97,6 +97,7 @@ __all__ = [
     "list_parked",
     "sweep",
     "owned_names",
+    "warn_full_once",
 ]
 
 logger = logging.getLogger(__name__)
@@ -590,6 +591,20 @@ class Segment:
                 mapping.close()
             except BufferError:
                 pass  # still exported (release callback): refcounting unmaps it
+
+
+_full_warned = False
+
+
+def warn_full_once(exc: ShmFull) -> None:
+    """Log a full directory once per process (the fallback is counted in
+    :mod:`dask_shm.stats` every time)."""
+    global _full_warned
+    with _owned_lock:
+        if _full_warned:
+            return
+        _full_warned = True
+    logger.warning("dask-shm: %s (shown once per process)", exc.strerror)
 
 
 def _check_file(st: os.stat_result, needed: int) -> str | None:

@@ -6,7 +6,6 @@ both use these; neither touches segments directly.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -15,26 +14,13 @@ import numpy as np
 from dask_shm import stats
 from dask_shm.descriptor import Placement, decode, encode
 from dask_shm.pool import Pool, size_class
-from dask_shm.segments import Owner, Segment, ShmDirectory, ShmFull
+from dask_shm.segments import Owner, Segment, ShmDirectory, ShmFull, warn_full_once
 
 __all__ = ["Placed", "place", "assemble", "InFlight"]
 
 logger = logging.getLogger(__name__)
 
 Frame = bytes | bytearray | memoryview
-
-_enospc_warned = False
-_warn_lock = threading.Lock()
-
-
-def _warn_full_once(exc: ShmFull) -> None:
-    global _enospc_warned
-    with _warn_lock:
-        if _enospc_warned:
-            return
-        _enospc_warned = True
-    logger.warning("dask-shm: %s (this warning is shown once per process)", exc.strerror)
-
 
 @dataclass
 class Placed:
@@ -90,7 +76,7 @@ def place(
                 seg = Segment.create(directory, size_class(n))
             except ShmFull as e:
                 stats.count("fallback-enospc")
-                _warn_full_once(e)
+                warn_full_once(e)
                 inline.append(frame)
                 continue
             stats.count("segments-created")

@@ -1,0 +1,199 @@
+"""Segment lifetime: the janitor after kill -9, a full directory, an unusable one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+from distributed.comm import connect, listen
+from distributed.protocol import to_serialize
+
+import dask_shm.comm
+from dask_shm import stats
+from dask_shm.segments import (
+    Segment,
+    ShmDirectory,
+    current_owner,
+    list_segments,
+    new_name,
+    sweep,
+)
+
+from .conftest import is_root, ours
+from .test_comm import echo_server
+
+root_only = pytest.mark.skipif(
+    not is_root(), reason="mounting a tmpfs needs root (CI runs as root)"
+)
+
+CRASHER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from dask_shm.segments import ShmDirectory, Segment, create_probe
+    d = ShmDirectory(sys.argv[1])
+    segs = [Segment.create(d, 1 << 20) for _ in range(3)]
+    segs[0].park()
+    create_probe(d)
+    print(os.getpid(), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_janitor_removes_what_a_killed_process_left() -> None:
+    """kill -9 skips every exit handler; the janitor removes what is left,
+    and the dying process wrote nothing to stderr (no leak warnings)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASHER, "/dev/shm"], capture_output=True, text=True
+    )
+    assert proc.returncode == -signal.SIGKILL
+    assert proc.stderr == ""
+    pid = int(proc.stdout)
+    left = [n for n in ours() if n.startswith(f"dask-shm-{pid}-")]
+    assert len(left) == 4  # two data segments, one parked, one probe
+    d = ShmDirectory("/dev/shm")  # not .get(): that starts a background sweep
+    assert all(not i.alive for i in list_segments(d) if i.owner.pid == pid)
+    removed = sweep(d)
+    # Another janitor (this process's periodic one) may have won some races.
+    assert {i.name for i in removed} <= set(left)
+    assert not ours()
+
+
+def test_janitor_never_removes_a_live_process_segment() -> None:
+    d = ShmDirectory.get("/dev/shm")
+    seg = Segment.create(d, 1 << 16)
+    try:
+        assert sweep(d) == []
+        assert seg.name in ours()
+    finally:
+        seg.destroy()
+
+
+def _plant(name: str) -> None:
+    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.close(fd)
+
+
+def test_janitor_detects_pid_reuse_and_leaves_other_namespaces_alone() -> None:
+    me = current_owner()
+    token = new_name("s").rsplit("-", 1)[1]
+    reused = f"dask-shm-{me.pid}-{me.start + 1}-{me.ns}-s-{token}"
+    foreign = f"dask-shm-{2**22 + 7}-1-{me.ns + 1}-s-{token}"  # another pid namespace
+    _plant(reused)
+    _plant(foreign)
+    try:
+        removed = [i.name for i in sweep(ShmDirectory.get("/dev/shm"))]
+        assert removed == [reused]
+        assert foreign in ours()
+    finally:
+        os.unlink(f"/dev/shm/{foreign}")
+
+
+def test_unread_segments_are_removed_when_the_comm_aborts() -> None:
+    """A message the peer never read: its segments go when the sender aborts."""
+
+    from dask_shm.pool import get_pool
+
+    from .conftest import wait_for
+
+    async def main() -> None:
+        server_side: list[object] = []
+
+        async def handler(comm: object) -> None:
+            server_side.append(comm)  # never reads
+
+        with dask.config.set({"dask-shm.cold-transfer": "shm", "dask-shm.threshold": "64 KiB"}):
+            async with listen("shm://127.0.0.1:0", handler) as listener:
+                comm = await connect(listener.contact_address)
+                await comm.write({"x": to_serialize(np.ones(10**6))})
+                [sent] = comm.link.inflight._names  # type: ignore[attr-defined]
+                assert sent in ours()  # handed over, not taken over
+                comm.abort()
+                assert sent not in ours()
+                for c in server_side:
+                    c.abort()  # type: ignore[attr-defined]
+        assert wait_for(lambda: get_pool().info()["warming"] == 0)
+
+    asyncio.run(main())
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB tmpfs, like Docker's default /dev/shm."""
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=1777", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        from dask_shm.pool import get_pool
+
+        get_pool().trim()
+        ShmDirectory._cache.pop((os.getpid(), str(mnt)), None)
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+@root_only
+def test_full_directory_falls_back_to_tcp_and_warns_once(
+    small_tmpfs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import dask_shm.segments as segments
+
+    segments._full_warned = False
+    x = np.arange(25 * 10**6)  # 200 MB through a 64 MiB directory
+
+    async def main() -> None:
+        async with listen("shm://127.0.0.1:0", echo_server) as listener:
+            comm = await connect(listener.contact_address)
+            assert comm.link is not None  # type: ignore[attr-defined]
+            for _ in range(3):
+                await comm.write({"x": to_serialize(x)})
+                np.testing.assert_array_equal((await comm.read())["x"], x)
+            await comm.close()
+
+    conf = {"dask-shm.directory": str(small_tmpfs), "dask-shm.cold-transfer": "shm"}
+    with dask.config.set(conf), caplog.at_level(logging.WARNING, logger="dask_shm"):
+        asyncio.run(main())
+    full = [r for r in caplog.records if "cannot reserve" in r.getMessage()]
+    assert len(full) == 1, [r.getMessage() for r in caplog.records]
+    msg = full[0].getMessage()
+    assert "free of 64.0 MiB" in msg and "--shm-size" in msg and "dask-shm.directory" in msg
+    assert stats.snapshot()["fallback-enospc"] >= 3
+    assert not [n for n in os.listdir(small_tmpfs) if n.startswith("dask-shm-")]
+
+
+@root_only
+def test_unusable_directory_is_plain_tcp_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True)
+    dask_shm.comm._unusable_warned = False
+    try:
+
+        async def main() -> None:
+            async with listen("shm://127.0.0.1:0", echo_server) as listener:
+                for _ in range(2):
+                    comm = await connect(listener.contact_address)
+                    assert comm.link is None  # type: ignore[attr-defined]
+                    await comm.write({"x": to_serialize(np.arange(10**6))})
+                    await comm.read()
+                    await comm.close()
+
+        with dask.config.set({"dask-shm.directory": str(ro)}), caplog.at_level(logging.WARNING):
+            asyncio.run(main())
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=True)
+    warned = [r for r in caplog.records if "unusable" in r.getMessage()]
+    assert len(warned) == 1 and "not writable" in warned[0].getMessage()
