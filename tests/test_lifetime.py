@@ -197,3 +197,66 @@ def test_unusable_directory_is_plain_tcp_with_one_warning(
         subprocess.run(["umount", "-l", str(ro)], check=True)
     warned = [r for r in caplog.records if "unusable" in r.getMessage()]
     assert len(warned) == 1 and "not writable" in warned[0].getMessage()
+
+
+NOBODY = 65534
+
+
+@pytest.mark.skipif(not is_root(), reason="switching to another uid needs root (CI runs as root)")
+def test_another_user_cannot_use_our_segments_and_gets_tcp() -> None:
+    """A peer of another uid fails the probe both ways (our 0600 files are
+    closed to it, and we refuse files it owns): TCP, and correct data."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    box: list[object] = []
+
+    async def start() -> None:
+        box.append(await listen("shm://127.0.0.1:0", echo_server))
+
+    def serve() -> None:
+        loop.run_until_complete(start())
+        started.set()
+        loop.run_forever()
+
+    async def peer(address: str) -> str:
+        comm = await connect(address)
+        x = np.arange(10**6)
+        await comm.write({"x": to_serialize(x)})
+        ok = bool(((await comm.read())["x"] == x).all())
+        link = comm.link  # type: ignore[attr-defined]
+        await comm.close()
+        return f"{'shm' if link else 'tcp'} {ok}"
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert started.wait(10)
+    address = box[0].contact_address  # type: ignore[attr-defined]
+    try:
+        # Same user first: loads every module the child will need (it cannot
+        # import anything once it is nobody) and shows the contrast.
+        with dask.config.set({"dask-shm.threshold": "64 KiB", "dask-shm.cold-transfer": "shm"}):
+            assert asyncio.run(peer(address)) == "shm True"
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                try:
+                    os.setgid(NOBODY)
+                    os.setuid(NOBODY)
+                    out = asyncio.run(peer(address))
+                except BaseException as e:
+                    out = repr(e)
+                os.write(w, out.encode()[:1000])
+                os._exit(0)
+            os.close(w)
+            _, status = os.waitpid(pid, 0)
+            out = os.read(r, 1000).decode()
+            os.close(r)
+    finally:
+        loop.call_soon_threadsafe(box[0].stop)  # type: ignore[attr-defined]
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+    assert status == 0 and out == "tcp True", out
+    assert stats.snapshot().get("handshake-no-probe", 0) >= 1
