@@ -481,14 +481,22 @@ class Segment:
             If the file is gone (the sender aborted, or a janitor ran).
         """
         check_name(name, owner, "s")
+        return cls._adopt(directory, name, needed, populate=False)
+
+    @classmethod
+    def _adopt(
+        cls, directory: ShmDirectory, name: str, needed: int, *, populate: bool
+    ) -> Segment:
+        """Rename ``name`` to a fresh name of ours (the atomic take-over), then
+        open, check and map it; on any failure nothing of it is kept."""
         mine = new_name("s")
         try:
             os.rename(name, mine, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
         except FileNotFoundError as e:
             raise SegmentMissing(
                 errno.ENOENT,
-                f"segment {name} named by the peer does not exist in "
-                f"{directory.path} (the sender cleaned it up or was killed)",
+                f"segment {name} does not exist in {directory.path} "
+                "(its sender cleaned it up or was killed, or another process took it)",
             ) from e
         _own(directory, mine)
         try:
@@ -501,7 +509,8 @@ class Segment:
             problem = _check_file(st, needed)
             if problem:
                 raise DescriptorError(f"refusing segment {name}: {problem}")
-            mapping = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED)
+            flags = mmap.MAP_SHARED | (_MAP_POPULATE if populate else 0)
+            mapping = mmap.mmap(fd, st.st_size, flags=flags)
         except BaseException:
             directory.unlink(mine)
             raise
@@ -529,29 +538,10 @@ class Segment:
         None if another process claimed it first or it is not acceptable."""
         if parse_name(name)[1] != "f":
             raise DescriptorError(f"{name} is not a free segment")
-        mine = new_name("s")
         try:
-            os.rename(name, mine, src_dir_fd=directory.fd, dst_dir_fd=directory.fd)
-        except FileNotFoundError:
-            return None  # lost the race: fine
-        _own(directory, mine)
-        try:
-            fd = os.open(mine, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
-        except OSError:
-            directory.unlink(mine)
-            return None
-        try:
-            st = os.fstat(fd)
-            if _check_file(st, 1) is not None:
-                directory.unlink(mine)
-                return None
-            mapping = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED | _MAP_POPULATE)
-        except BaseException:
-            directory.unlink(mine)
-            raise
-        finally:
-            os.close(fd)
-        return cls(directory, mine, st.st_size, mapping)
+            return cls._adopt(directory, name, 1, populate=True)
+        except (SegmentMissing, DescriptorError):
+            return None  # lost the race, or not acceptable: fine
 
     def prefault(self) -> None:
         """Install page-table entries for the whole mapping in one call, so
