@@ -58,7 +58,7 @@ def status(directory: str | None, as_json: bool) -> None:
                         {
                             "name": i.name,
                             "pid": i.owner.pid,
-                            "kind": "probe" if i.kind == "p" else "data",
+                            "kind": {"p": "probe", "s": "data", "f": "free"}[i.kind],
                             "size": i.size,
                             "alive": i.alive,
                         }
