@@ -254,9 +254,27 @@ class SHM(TCP):
         except BaseException:
             link.inflight.discard()
             raise
-        for size in placed.warm:
-            link.pool.warm(link.directory, size)
+        if placed.warm:
+            self._warm_after_flush(link, placed.warm)
         return n + placed.nbytes
+
+    def _warm_after_flush(self, link: Link, sizes: list[int]) -> None:
+        """Warm the pool once this message has left: TCP.write returns with
+        the bytes still queued, and a 400 MB cold transfer takes a while to
+        drain; warming meanwhile would compete with it for CPU and memory
+        bandwidth."""
+
+        def warm(fut: Any = None) -> None:
+            if fut is not None:
+                fut.exception()  # closed meanwhile: warm anyway, harmlessly
+            for size in sizes:
+                link.pool.warm(link.directory, size)
+
+        stream = self.stream
+        if stream is None or not stream.writing():
+            warm()
+        else:
+            stream.write(b"").add_done_callback(warm)
 
     async def read(self, deserializers: Any = None) -> Any:
         if self._probe is not None:  # the peer's handshake
