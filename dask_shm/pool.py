@@ -15,8 +15,9 @@ Two tiers:
   400 MB here) instead of allocating and zeroing pages (~230 ms).  Each
   process parks at most ``dask-shm.pool-size`` bytes.
 
-In the mapped tier a size class holds up to 1/16 of the limit (at least one
-segment), so many small segments but only one 400 MB one.
+In the mapped tier a size class holds up to 1/16 of the limit (at least two
+segments), so many small segments but two 400 MB ones; the total stays
+within the limit.
 
 Flow: a received segment goes back to the receiver's mapped tier when its last
 view dies (pre-faulted again first: the receiver mapped it lazily, and a
@@ -64,8 +65,9 @@ logger = logging.getLogger(__name__)
 #: Smallest segment we create: below this a pool slot is not worth its fd.
 MIN_SEGMENT = 64 * 1024
 #: Mapped idle bytes kept per size class, as a share of the pool limit: many
-#: small segments (cheap, and a ping-pong of messages needs several), one big
-#: one (a second 400 MB segment would sit in this process's RSS).
+#: small segments (cheap, and a ping-pong of messages needs several), and at
+#: least two big ones: a process that relays (a LocalCluster's scheduler
+#: shares its process, and pool, with the client) needs one per hop.
 CLASS_SHARE = 16
 #: Recycled segments up to this size are pre-faulted at once, in the
 #: releasing thread (~0.1 ms per MiB); larger ones by the housekeeping thread.
@@ -146,7 +148,7 @@ class Pool:
             self._requests.put(partial(self._prefault, seg))
 
     def _per_class(self, size: int) -> int:
-        return max(1, self.limit // CLASS_SHARE // size)
+        return max(2, self.limit // CLASS_SHARE // size)
 
     def _park(self, seg: Segment) -> None:
         if seg.size > self.limit:
