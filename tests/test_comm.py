@@ -373,3 +373,34 @@ def test_sparse_segment_is_refused() -> None:
 def test_owner_identity_in_names() -> None:
     me = current_owner()
     assert new_name("s").startswith(f"dask-shm-{me.pid}-{me.start}-{me.ns}-s-")
+
+
+def test_planted_symlink_is_never_followed(tmp_path: Any) -> None:
+    """A symlink named like a segment of the peer, pointing outside the
+    directory: refused at open (O_NOFOLLOW), the target untouched."""
+    target = tmp_path / "secret"
+    target.write_bytes(b"s" * 8192)
+    name = new_name("s")
+    os.symlink(target, f"/dev/shm/{name}")
+    desc = encode(1, [Placement(0, name, 0, 4096)])
+    err = run(_send_raw_envelope(desc, []))
+    assert "cannot open segment" in err
+    assert target.read_bytes() == b"s" * 8192
+    assert not ours()
+
+
+def test_hard_linked_segment_is_refused(tmp_path: Any) -> None:
+    """A segment reachable under a second name (one of our live segments,
+    say) is refused: taking it over would alias memory."""
+    name = new_name("s")
+    path = f"/dev/shm/{name}"
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    os.posix_fallocate(fd, 0, 4096)
+    os.close(fd)
+    alias = f"/dev/shm/{new_name('s')}"
+    os.link(path, alias)
+    try:
+        desc = encode(1, [Placement(0, name, 0, 4096)])
+        assert "hard links" in run(_send_raw_envelope(desc, []))
+    finally:
+        os.unlink(alias)
