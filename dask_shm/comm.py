@@ -146,7 +146,9 @@ class SHM(TCP):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._probe: tuple[ShmDirectory, str, str] | None = None
+        #: (directory, probe name, token, settings) between handshake_info and
+        #: the end of the handshake.
+        self._probe: tuple[ShmDirectory, str, str, Settings] | None = None
         self._link: Link | None = None
 
     # -- handshake -----------------------------------------------------------
@@ -156,7 +158,7 @@ class SHM(TCP):
         conf, directory = _local_directory()
         if directory is not None:
             name, token = create_probe(directory)
-            self._probe = (directory, name, token)
+            self._probe = (directory, name, token, conf)
             info["dask-shm"] = {
                 "version": PROTOCOL,
                 "probe": name,
@@ -167,7 +169,7 @@ class SHM(TCP):
 
     async def _negotiate(self, remote: Any) -> None:
         assert self._probe is not None
-        directory, probe, token = self._probe
+        directory, probe, token, conf = self._probe
         try:
             theirs = remote.get("dask-shm") if isinstance(remote, dict) else None
             if not isinstance(theirs, dict) or theirs.get("version") != PROTOCOL:
@@ -193,7 +195,7 @@ class SHM(TCP):
             stats.count("handshake-no-probe")
             logger.debug("%s: peer does not share %s; using TCP", self, directory.path)
             return
-        self._link = link = Link(directory, peer, bool(theirs.get("relay")), settings())
+        self._link = link = Link(directory, peer, bool(theirs.get("relay")), conf)
         stats.count("handshake-shm")
         weakref.finalize(self, link.inflight.discard)
 
@@ -237,14 +239,15 @@ class SHM(TCP):
             threshold=link.threshold,
             cold_transfer=link.cold_transfer,
         )
-        if sum(map(nbytes, frames)) > OFFLOAD_THRESHOLD:
+        total = sum(map(nbytes, frames))
+        if total > OFFLOAD_THRESHOLD:
             placed = await offload(place, frames, **kwargs)
         else:
             placed = place(frames, **kwargs)
         link.inflight.add(placed.names)
         if placed.descriptor is None:
             stats.count("tcp-messages")
-            stats.count("tcp-bytes", sum(map(nbytes, frames)))
+            stats.count("tcp-bytes", total)
         else:
             stats.count("shm-messages")
             stats.count("shm-bytes", placed.nbytes)
@@ -311,15 +314,15 @@ class SHM(TCP):
                 deserializers=deserializers,
                 allow_offload=self.allow_offload,
             )
-        except EOFError:
+        except EOFError as e:
             self.abort()
-            raise CommClosedError(f"in {self}: aborted stream on truncated data")
+            raise CommClosedError(f"in {self}: aborted stream on truncated data") from e
 
     # -- ending ----------------------------------------------------------------
 
     def _release(self, grace: float) -> None:
         if self._probe is not None:
-            directory, probe, _ = self._probe
+            directory, probe, _, _ = self._probe
             directory.unlink(probe)
             self._probe = None
         link = self._link

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import dask.config
@@ -97,14 +97,7 @@ def settings() -> Settings:
         cfg = dask.config.get("dask-shm")
     # Dask treats "-" and "_" alike; environment variables bring underscores.
     cfg = {str(k).replace("_", "-"): v for k, v in cfg.items()}
-    unknown = set(cfg) - {
-        "enabled",
-        "directory",
-        "threshold",
-        "pool-size",
-        "pool-idle-timeout",
-        "cold-transfer",
-    }
+    unknown = set(cfg) - {f.name.replace("_", "-") for f in fields(Settings)}
     if unknown:
         key = sorted(unknown)[0]
         raise _bad(key, cfg[key], "no such key (see dask-shm-schema.yaml)")

@@ -82,7 +82,7 @@ def place(
             stats.count("segments-created")
         assert seg.mapping is not None
         dst = np.frombuffer(seg.mapping, dtype=np.uint8, count=n)
-        dst[:] = np.frombuffer(mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv, np.uint8)
+        dst[:] = np.frombuffer(mv, dtype=np.uint8)  # any contiguous buffer, as bytes
         del dst
         placements.append(Placement(i, seg.hand_over(), 0, n))
         nbytes += n
