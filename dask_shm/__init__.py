@@ -1,8 +1,10 @@
 """dask-shm: same-host shared memory for Dask distributed.
 
-Importing this package merges its configuration defaults into Dask's.  The
-``shm://`` comm backend is found through the ``distributed.comm.backends``
-entry point, so nothing needs importing by hand to use it.
+Importing this package merges its configuration defaults into Dask's and
+registers the ``"shm"`` serialization family.  The ``shm://`` comm backend is
+found through the ``distributed.comm.backends`` entry point, which imports
+this package, so nothing needs importing by hand in a process that uses
+``shm://``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from dask_shm.config import ConfigError, Settings, load_defaults, settings
 
 load_defaults()
 
-from dask_shm import stats  # noqa: E402
+from dask_shm import family, stats  # noqa: E402
+
+family.register()
 from dask_shm.segments import (  # noqa: E402
     DescriptorError,
     SegmentMissing,

@@ -13,6 +13,7 @@ import logging
 import pickle
 import threading
 import weakref
+from functools import partial
 from typing import Any
 
 from distributed.comm.core import CommClosedError
@@ -74,8 +75,20 @@ class Link:
         self.relay = relay
         self.threshold = conf.threshold
         self.cold_transfer = conf.cold_transfer
+        #: Serializers for writes that name none (``dask-shm.serializers``).
+        self.serializers = conf.serializers
         self.pool: Pool = get_pool(conf.pool_size, conf.pool_idle_timeout)
         self.inflight = InFlight(directory)
+        self._warm: list[int] = []
+
+    def defer_warm(self, sizes: list[int]) -> None:
+        """Ask for size classes to be warmed once the current message has left
+        (for the serialization family, which cannot see the flush)."""
+        self._warm.extend(sizes)
+
+    def pop_warm(self) -> list[int]:
+        sizes, self._warm = self._warm, []
+        return sizes
 
     def __repr__(self) -> str:
         return f"<Link {self.directory.path} peer pid {self.peer.pid}>"
@@ -191,7 +204,7 @@ class SHM(TCP):
             and isinstance(echo, dict)
             and echo.get("dask-shm-echo") == token
         )
-        if not ok:
+        if not ok or peer is None:
             stats.count("handshake-no-probe")
             logger.debug("%s: peer does not share %s; using TCP", self, directory.path)
             return
@@ -199,7 +212,9 @@ class SHM(TCP):
         stats.count("handshake-shm")
         weakref.finalize(self, link.inflight.discard)
 
-    def handshake_configuration(
+    # A staticmethod in Comm; distributed calls it on the instance, and the
+    # outcome of this comm's negotiation is instance state.
+    def handshake_configuration(  # type: ignore[override]
         self, local: dict[str, Any], remote: dict[str, Any]
     ) -> dict[str, Any]:
         out = super().handshake_configuration(local, remote)
@@ -217,8 +232,14 @@ class SHM(TCP):
 
     async def write(self, msg: Any, serializers: Any = None, on_error: str = "message") -> int:
         link = self._link
-        if link is None or safe_sizeof(msg, default_size=0) < link.threshold:
+        if link is None:
             return await super().write(msg, serializers, on_error)
+        if serializers is None:
+            serializers = link.serializers
+        if safe_sizeof(msg, default_size=0) < link.threshold:
+            n = await super().write(msg, serializers, on_error)
+            self._warm_after_flush(link, link.pop_warm())
+            return n
 
         frames = await to_frames(
             msg,
@@ -233,7 +254,8 @@ class SHM(TCP):
             frame_split_size=NO_SPLIT,
         )
         link.inflight.prune()
-        kwargs = dict(
+        place_frames = partial(
+            place,
             directory=link.directory,
             pool=link.pool,
             threshold=link.threshold,
@@ -241,9 +263,9 @@ class SHM(TCP):
         )
         total = sum(map(nbytes, frames))
         if total > OFFLOAD_THRESHOLD:
-            placed = await offload(place, frames, **kwargs)
+            placed = await offload(place_frames, frames)
         else:
-            placed = place(frames, **kwargs)
+            placed = place_frames(frames)
         link.inflight.add(placed.names)
         if placed.descriptor is None:
             stats.count("tcp-messages")
@@ -257,8 +279,7 @@ class SHM(TCP):
         except BaseException:
             link.inflight.discard()
             raise
-        if placed.warm:
-            self._warm_after_flush(link, placed.warm)
+        self._warm_after_flush(link, placed.warm + link.pop_warm())
         return n + placed.nbytes
 
     def _warm_after_flush(self, link: Link, sizes: list[int]) -> None:
@@ -266,6 +287,8 @@ class SHM(TCP):
         the bytes still queued, and a 400 MB cold transfer takes a while to
         drain; warming meanwhile would compete with it for CPU and memory
         bandwidth."""
+        if not sizes:
+            return
 
         def warm(fut: Any = None) -> None:
             if fut is not None:
@@ -285,8 +308,16 @@ class SHM(TCP):
             await self._negotiate(msg)
             return msg
         link = self._link
-        if link is None:
-            return await super().read(deserializers)
+        try:
+            if link is None:
+                return await super().read(deserializers)
+            return await self._read_shm(link, deserializers)
+        except (DescriptorError, SegmentMissing) as e:
+            # From the comm's descriptor or a serialization family's header.
+            self.abort()
+            raise CommClosedError(f"in {self}: {e}") from e
+
+    async def _read_shm(self, link: Link, deserializers: Any) -> Any:
         try:
             msg = await super().read(deserializers)
         except CommClosedError:
@@ -296,17 +327,13 @@ class SHM(TCP):
             return msg
         frames = msg.frames
         if msg.descriptor is not None:
-            try:
-                frames = assemble(
-                    msg.descriptor,
-                    frames,
-                    directory=link.directory,
-                    owner=link.peer,
-                    pool=link.pool,
-                )
-            except (DescriptorError, SegmentMissing) as e:
-                self.abort()
-                raise CommClosedError(f"in {self}: {e}") from e
+            frames = assemble(
+                msg.descriptor,
+                frames,
+                directory=link.directory,
+                owner=link.peer,
+                pool=link.pool,
+            )
         try:
             return await from_frames(
                 frames,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import dask.config
-import yaml
+import yaml  # type: ignore[import-untyped]
 from dask.utils import parse_bytes, parse_timedelta
 
 __all__ = ["ConfigError", "Settings", "settings", "load_defaults", "SCHEMA_PATH"]
@@ -53,6 +53,9 @@ class Settings:
     pool_size: int
     pool_idle_timeout: float
     cold_transfer: str
+    #: Serialization families for ``shm://`` writes that name none, or None
+    #: to leave distributed's defaults alone.
+    serializers: tuple[str, ...] | None
 
 
 def _bad(key: str, value: Any, allowed: str) -> ConfigError:
@@ -81,6 +84,26 @@ def _bool(key: str, value: Any) -> bool:
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     raise _bad(key, value, "true or false")
+
+
+def _serializers(value: Any) -> tuple[str, ...] | None:
+    from distributed.protocol.serialize import families
+
+    import dask_shm.family  # noqa: F401  (registers "shm")
+
+    if value is None:
+        return None
+    allowed = set(families) - {"error"}  # "error" is distributed's internal marker
+    names = value.split(",") if isinstance(value, str) else value
+    if isinstance(names, list | tuple) and names and all(isinstance(n, str) for n in names):
+        names = tuple(n.strip() for n in names)
+        if all(n in allowed for n in names):
+            return names
+    raise _bad(
+        "serializers",
+        value,
+        "null or a list of serialization families from " + ", ".join(sorted(allowed)),
+    )
 
 
 def settings() -> Settings:
@@ -129,4 +152,5 @@ def settings() -> Settings:
         pool_size=_nbytes("pool-size", cfg["pool-size"]),
         pool_idle_timeout=float(idle),
         cold_transfer=cold,
+        serializers=_serializers(cfg["serializers"]),
     )

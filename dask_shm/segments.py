@@ -570,7 +570,7 @@ class Segment:
         base = np.frombuffer(self.mapping, dtype=np.uint8)
         fin = weakref.finalize(base, on_release, self)
         fin.atexit = False  # exit cleanup unlinks files; don't recycle then
-        return memoryview(base)
+        return memoryview(base)  # type: ignore[arg-type]  # numpy's stubs lag the buffer protocol
 
     def destroy(self) -> None:
         """Unlink the file and drop our mapping (unmapped once no view uses it)."""

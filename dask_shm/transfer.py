@@ -132,8 +132,8 @@ def assemble(
     rest = iter(inline)
     by_index = {p.index: p for p in placements}
     for i in range(len(inline) + len(placements)):
-        p = by_index.get(i)
-        frames.append(next(rest) if p is None else views[p.name][p.offset : p.offset + p.length])
+        q = by_index.get(i)
+        frames.append(next(rest) if q is None else views[q.name][q.offset : q.offset + q.length])
     return frames
 
 
