@@ -16,6 +16,13 @@ Read them in any process with :func:`snapshot` (for a cluster:
     directory is unusable).
 ``below-threshold``
     Messages whose frames were all smaller than ``dask-shm.threshold``.
+``family-messages`` / ``family-bytes``
+    Objects the ``"shm"`` serialization family serialized with at least one
+    buffer in shared memory, and the bytes it placed.
+``family-declined-<reason>``
+    Times the family let the next one serve: ``no-context`` (spilling, direct
+    ``serialize()``), ``not-negotiated`` (``tcp://`` or a failed probe),
+    ``relay`` (the peer is a scheduler), ``non-contiguous``.
 ``segments-created`` / ``segments-received``
     Segments this process created (all in the background unless
     ``cold-transfer: shm``) and took over from peers.

@@ -263,7 +263,16 @@ PEER = textwrap.dedent(
         await comm.write({"x": to_serialize(x)})
         back = (await comm.read())["x"]
         assert (back == x).all()
-        print("link" if comm.link is not None else "tcp", stats.snapshot().get("shm-messages", 0))
+        # The same through the "shm" serialization family.
+        await comm.write({"x": to_serialize(x)}, serializers=["shm", "dask", "pickle"])
+        back = (await comm.read())["x"]
+        assert (back == x).all()
+        counts = stats.snapshot()
+        print(
+            "link" if comm.link is not None else "tcp",
+            counts.get("shm-messages", 0),
+            counts.get("family-messages", 0),
+        )
         await comm.close()
 
     asyncio.run(main())
@@ -273,7 +282,8 @@ PEER = textwrap.dedent(
 
 def test_peer_with_another_directory_fails_the_probe(tmp_path: Any) -> None:
     """A peer that cannot see our directory (as a container with its own
-    /dev/shm on the same IP) gets TCP, and correct data."""
+    /dev/shm on the same IP) gets TCP, and correct data; the "shm" family
+    declines there and the next family serves."""
 
     async def main() -> str:
         async with listen("shm://127.0.0.1:0", echo_server) as listener:
@@ -286,7 +296,7 @@ def test_peer_with_another_directory_fails_the_probe(tmp_path: Any) -> None:
             assert proc.returncode == 0
             return out.decode().strip()
 
-    assert run(main()) == "tcp 0"
+    assert run(main()) == "tcp 0 0"
     assert stats.snapshot().get("handshake-no-probe", 0) == 1
     assert not os.listdir(tmp_path)
 
@@ -304,7 +314,7 @@ def test_peer_process_on_same_host_uses_shm() -> None:
             return out.decode().strip()
 
     with dask.config.set({"dask-shm.cold-transfer": "shm"}):
-        assert run(main()) == "link 1"
+        assert run(main()) == "link 1 1"
 
 
 async def _send_raw_envelope(descriptor: bytes, inline: list[Any]) -> str:
