@@ -17,7 +17,11 @@ from dask_shm import stats
 from dask_shm.pool import get_pool
 from dask_shm.segments import PREFIX
 
-SHM_DIR = "/dev/shm"
+#: The shm directory under test: /dev/shm, unless DASK_DASK_SHM__DIRECTORY
+#: names another (e.g. a private subdirectory of /dev/shm, so that two test
+#: runs on one machine do not see each other's segments; make it mode 1777
+#: like /dev/shm, for the other-user test).
+SHM_DIR = os.environ.get("DASK_DASK_SHM__DIRECTORY", "/dev/shm")
 #: How long a test's processes may take to finish releasing what they own
 #: (subprocess exit, graceful-close grace periods are longer and are not
 #: waited for: a test must not leave anything in flight).

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dask_shm.segments import Segment, ShmDirectory
 
-from .conftest import ours
+from .conftest import SHM_DIR, ours
 from .test_lifetime import CRASHER
 
 DASK = str(Path(sys.executable).parent / "dask")
@@ -23,14 +23,14 @@ def dask_shm(*args: str) -> str:
 
 
 def orphan_some() -> int:
-    proc = subprocess.run([sys.executable, "-c", CRASHER, "/dev/shm"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", CRASHER, SHM_DIR], capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL
     return int(proc.stdout)
 
 
 def test_status_and_sweep_remove_orphans_only() -> None:
     dead = orphan_some()
-    live = Segment.create(ShmDirectory("/dev/shm"), 1 << 16)
+    live = Segment.create(ShmDirectory(SHM_DIR), 1 << 16)
     try:
         status = json.loads(dask_shm("status", "--json"))
         by_pid = {}

@@ -26,7 +26,7 @@ from dask_shm.comm import SHM, SHMBackend, _Envelope
 from dask_shm.descriptor import Placement, encode
 from dask_shm.segments import current_owner, new_name
 
-from .conftest import ours
+from .conftest import SHM_DIR, ours
 
 SCHEMES = ["tcp", "shm"]
 
@@ -362,7 +362,7 @@ def test_descriptor_of_missing_segment() -> None:
 
 def test_descriptor_beyond_segment_size_is_refused(tmp_path: Any) -> None:
     name = new_name("s")
-    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    fd = os.open(f"{SHM_DIR}/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     os.posix_fallocate(fd, 0, 4096)
     os.close(fd)
     desc = encode(1, [Placement(0, name, 0, 8192)])
@@ -373,7 +373,7 @@ def test_descriptor_beyond_segment_size_is_refused(tmp_path: Any) -> None:
 def test_sparse_segment_is_refused() -> None:
     """A file that is not fully allocated could SIGBUS us on a full tmpfs."""
     name = new_name("s")
-    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    fd = os.open(f"{SHM_DIR}/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     os.ftruncate(fd, 1 << 20)
     os.close(fd)
     desc = encode(1, [Placement(0, name, 0, 1 << 20)])
@@ -391,7 +391,7 @@ def test_planted_symlink_is_never_followed(tmp_path: Any) -> None:
     target = tmp_path / "secret"
     target.write_bytes(b"s" * 8192)
     name = new_name("s")
-    os.symlink(target, f"/dev/shm/{name}")
+    os.symlink(target, f"{SHM_DIR}/{name}")
     desc = encode(1, [Placement(0, name, 0, 4096)])
     err = run(_send_raw_envelope(desc, []))
     assert "cannot open segment" in err
@@ -403,11 +403,11 @@ def test_hard_linked_segment_is_refused(tmp_path: Any) -> None:
     """A segment reachable under a second name (one of our live segments,
     say) is refused: taking it over would alias memory."""
     name = new_name("s")
-    path = f"/dev/shm/{name}"
+    path = f"{SHM_DIR}/{name}"
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     os.posix_fallocate(fd, 0, 4096)
     os.close(fd)
-    alias = f"/dev/shm/{new_name('s')}"
+    alias = f"{SHM_DIR}/{new_name('s')}"
     os.link(path, alias)
     try:
         desc = encode(1, [Placement(0, name, 0, 4096)])

@@ -29,7 +29,7 @@ from dask_shm.segments import (
     sweep,
 )
 
-from .conftest import is_root, ours
+from .conftest import SHM_DIR, is_root, ours
 from .test_comm import echo_server
 
 root_only = pytest.mark.skipif(
@@ -54,14 +54,14 @@ def test_janitor_removes_what_a_killed_process_left() -> None:
     """kill -9 skips every exit handler; the janitor removes what is left,
     and the dying process wrote nothing to stderr (no leak warnings)."""
     proc = subprocess.run(
-        [sys.executable, "-c", CRASHER, "/dev/shm"], capture_output=True, text=True
+        [sys.executable, "-c", CRASHER, SHM_DIR], capture_output=True, text=True
     )
     assert proc.returncode == -signal.SIGKILL
     assert proc.stderr == ""
     pid = int(proc.stdout)
     left = [n for n in ours() if n.startswith(f"dask-shm-{pid}-")]
     assert len(left) == 4  # two data segments, one parked, one probe
-    d = ShmDirectory("/dev/shm")  # not .get(): that starts a background sweep
+    d = ShmDirectory(SHM_DIR)  # not .get(): that starts a background sweep
     assert all(not i.alive for i in list_segments(d) if i.owner.pid == pid)
     removed = sweep(d)
     # Another janitor (this process's periodic one) may have won some races.
@@ -70,7 +70,7 @@ def test_janitor_removes_what_a_killed_process_left() -> None:
 
 
 def test_janitor_never_removes_a_live_process_segment() -> None:
-    d = ShmDirectory.get("/dev/shm")
+    d = ShmDirectory.get(SHM_DIR)
     seg = Segment.create(d, 1 << 16)
     try:
         assert sweep(d) == []
@@ -80,7 +80,7 @@ def test_janitor_never_removes_a_live_process_segment() -> None:
 
 
 def _plant(name: str) -> None:
-    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    fd = os.open(f"{SHM_DIR}/{name}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     os.close(fd)
 
 
@@ -92,11 +92,11 @@ def test_janitor_detects_pid_reuse_and_leaves_other_namespaces_alone() -> None:
     _plant(reused)
     _plant(foreign)
     try:
-        removed = [i.name for i in sweep(ShmDirectory.get("/dev/shm"))]
+        removed = [i.name for i in sweep(ShmDirectory.get(SHM_DIR))]
         assert removed == [reused]
         assert foreign in ours()
     finally:
-        os.unlink(f"/dev/shm/{foreign}")
+        os.unlink(f"{SHM_DIR}/{foreign}")
 
 
 def test_unread_segments_are_removed_when_the_comm_aborts() -> None:
