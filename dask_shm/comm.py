@@ -24,7 +24,7 @@ from distributed.sizeof import safe_sizeof
 from distributed.utils import nbytes, offload
 from tornado import gen
 
-from dask_shm import stats
+from dask_shm import metrics, stats
 from dask_shm.config import Settings, settings
 from dask_shm.pool import Pool, get_pool
 from dask_shm.segments import (
@@ -116,6 +116,7 @@ def _local_directory() -> tuple[Settings, ShmDirectory | None]:
     """Settings, and the shm directory if this process may use it."""
     global _unusable_warned
     conf = settings()
+    metrics.ensure_registered()
     if not conf.enabled:
         return conf, None
     reason = ShmDirectory.unusable_reason(conf.directory)

@@ -1,7 +1,8 @@
 """Per-process counters: what went through shared memory, what did not, and why.
 
 Read them in any process with :func:`snapshot` (for a cluster:
-``client.run(dask_shm.stats.snapshot)``).  Names:
+``client.run(dask_shm.stats.snapshot)``); :mod:`dask_shm.metrics` also puts
+them on Dask's Prometheus endpoints.  Names:
 
 ``shm-messages`` / ``shm-bytes``
     Messages carrying at least one shared-memory frame, and the bytes placed.
