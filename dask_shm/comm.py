@@ -334,6 +334,7 @@ class SHM(TCP):
                 directory=link.directory,
                 owner=link.peer,
                 pool=link.pool,
+                relay=not self.deserialize,
             )
         try:
             return await from_frames(

@@ -33,7 +33,12 @@ part makes it unguessable.  Responsibility moves with the name:
    fill, creating costs allocating and zeroing every page).  Parked segments
    nobody claims are unlinked by their parker when idle.  Mappings are never
    ``close()``-d while exported; reference counting unmaps them.
-5. **Exit.**  A process unlinks every segment it is responsible for at exit
+5. **Forward.**  A relay (the scheduler, which reads without deserializing
+   and passes frames on) hands a segment it took over on to the next
+   receiver as it is, instead of copying it: it sends its own name for it and
+   from then on only unmaps it when its last view dies; the next receiver
+   renames it as in 3.  A frame is forwarded once; a second forward copies.
+6. **Exit.**  A process unlinks every segment it is responsible for at exit
    (``atexit``, and multiprocessing's finalizers for forked children that
    leave through ``os._exit``), then sweeps orphans (below).
 
@@ -407,7 +412,7 @@ class Segment:
         The read-write shared mapping, or None once handed over.
     """
 
-    __slots__ = ("directory", "name", "size", "mapping", "last_used", "__weakref__")
+    __slots__ = ("directory", "name", "size", "mapping", "last_used", "forwarded", "__weakref__")
 
     def __init__(
         self, directory: ShmDirectory, name: str, size: int, mapping: mmap.mmap | None
@@ -417,6 +422,9 @@ class Segment:
         self.size = size
         self.mapping = mapping
         self.last_used = 0.0
+        #: Handed on by a relay while its views were alive: the file is the
+        #: next receiver's to take; ours only to unmap (see :func:`forwardable`).
+        self.forwarded = False
 
     def __repr__(self) -> str:
         return f"<Segment {self.name} {_fmt(self.size)}>"
@@ -563,14 +571,33 @@ class Segment:
         self.mapping = None
         return self.name
 
-    def export(self, on_release: Callable[[Segment], None]) -> memoryview:
+    def export(
+        self, on_release: Callable[[Segment], None], *, relay: bool = False
+    ) -> memoryview:
         """A writeable view of the whole segment; ``on_release(self)`` runs when
-        the last view derived from it dies (in whichever thread drops it)."""
+        the last view derived from it dies (in whichever thread drops it).
+
+        ``relay``: this process only forwards what it receives (it never
+        deserializes it), so a frame of this segment may later be handed on
+        to the next receiver as it is (:func:`forwardable`) instead of copied.
+        """
         assert self.mapping is not None
         base = np.frombuffer(self.mapping, dtype=np.uint8)
-        fin = weakref.finalize(base, on_release, self)
+        key = id(base)
+        if relay:
+            with _exports_lock:
+                _exports[key] = (weakref.ref(base), self)
+        fin = weakref.finalize(base, _released, self, key, on_release)
         fin.atexit = False  # exit cleanup unlinks files; don't recycle then
         return memoryview(base)  # type: ignore[arg-type]  # numpy's stubs lag the buffer protocol
+
+    def forward(self) -> str:
+        """Hand this (received, still mapped) segment on to another receiver
+        without copying; return the name to send.  Our mapping goes when our
+        last view dies; until the next receiver renames the file we remain
+        responsible for it, exactly as after :meth:`hand_over`."""
+        self.forwarded = True
+        return self.name
 
     def destroy(self) -> None:
         """Unlink the file and drop our mapping (unmapped once no view uses it)."""
@@ -581,6 +608,44 @@ class Segment:
                 mapping.close()
             except BufferError:
                 pass  # still exported (release callback): refcounting unmaps it
+
+
+#: Segments exported by relay processes, by the id of their exporter array
+#: (the object a received frame's memoryview refers to).
+_exports: dict[int, tuple[weakref.ref[np.ndarray], Segment]] = {}
+_exports_lock = threading.Lock()
+
+
+def _released(seg: Segment, key: int, on_release: Callable[[Segment], None]) -> None:
+    with _exports_lock:
+        entry = _exports.get(key)
+        if entry is not None and entry[1] is seg:
+            del _exports[key]
+    if seg.forwarded:
+        seg.mapping = None  # the views are gone, so refcounting unmaps it;
+        return  # the file is the next receiver's (or our InFlight's to remove)
+    on_release(seg)
+
+
+def forwardable(frame: memoryview) -> tuple[Segment, int] | None:
+    """The segment a relay received ``frame`` in, and the frame's offset in
+    it, if the frame can be handed on as it is: it is a view of a segment
+    exported with ``relay=True`` that was not forwarded already (a second
+    forward copies, so no two receivers ever share pages)."""
+    base = frame.obj
+    if not isinstance(base, np.ndarray):
+        return None
+    with _exports_lock:
+        entry = _exports.get(id(base))
+    if entry is None or entry[0]() is not base:
+        return None
+    seg = entry[1]
+    if seg.forwarded or seg.mapping is None or not frame.c_contiguous:
+        return None
+    offset = np.frombuffer(frame, dtype=np.uint8).ctypes.data - base.ctypes.data
+    if offset < 0 or offset + frame.nbytes > seg.size:
+        return None
+    return seg, offset
 
 
 _full_warned = False

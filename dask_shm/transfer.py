@@ -14,7 +14,14 @@ import numpy as np
 from dask_shm import stats
 from dask_shm.descriptor import Placement, decode, encode
 from dask_shm.pool import Pool, size_class
-from dask_shm.segments import Owner, Segment, ShmDirectory, ShmFull, warn_full_once
+from dask_shm.segments import (
+    Owner,
+    Segment,
+    ShmDirectory,
+    ShmFull,
+    forwardable,
+    warn_full_once,
+)
 
 __all__ = ["Placed", "place", "assemble", "InFlight"]
 
@@ -49,6 +56,9 @@ def place(
 ) -> Placed:
     """Copy every frame of at least ``threshold`` bytes into its own segment.
 
+    A frame a relay received in a segment is handed on in that segment
+    instead (once; a second forward copies).
+
     Frames that find no segment (a cold pool with ``cold_transfer="tcp"``, or
     a full directory) stay inline; so does everything smaller.  Blocking:
     call it off the event loop for large messages.  It does not warm the
@@ -63,6 +73,14 @@ def place(
         n = mv.nbytes
         if n < threshold or not mv.c_contiguous:
             inline.append(frame)
+            continue
+        received = forwardable(mv)
+        if received is not None and received[0].directory is directory:
+            # A relay handing on what it received: no copy, no new segment.
+            held, offset = received
+            placements.append(Placement(i, held.forward(), offset, n))
+            nbytes += n
+            stats.count("segments-forwarded")
             continue
         seg, replace = pool.take(directory, n)
         if replace:
@@ -100,13 +118,16 @@ def assemble(
     directory: ShmDirectory,
     owner: Owner,
     pool: Pool,
+    relay: bool = False,
 ) -> list[Frame]:
     """Rebuild a message's frame list from a descriptor and its inline frames.
 
     The descriptor is validated in full (names, order, extents) before any
     file is touched; each segment is then taken over and checked against its
     real size before it is mapped.  Received frames are writeable views of
-    the segments; a segment goes to ``pool`` when its last view dies.
+    the segments; a segment goes to ``pool`` when its last view dies.  A
+    ``relay`` (a process that forwards frames without deserializing them)
+    may hand the segments on as they are (see :func:`place`).
 
     Raises
     ------
@@ -126,7 +147,7 @@ def assemble(
             seg.destroy()
         raise
     stats.count("segments-received", len(taken))
-    views = {name: seg.export(pool.put) for name, seg in taken.items()}
+    views = {name: seg.export(pool.put, relay=relay) for name, seg in taken.items()}
     del taken
     frames: list[Frame] = []
     rest = iter(inline)

@@ -71,9 +71,11 @@ def test_every_data_path_uses_shared_memory(cluster: tuple[LocalCluster, Client]
     a, b = sorted(client.scheduler_info()["workers"])
     data = np.arange(N)
 
-    # scatter through the scheduler (two hops, each negotiated for itself)
+    # scatter through the scheduler (two hops, each negotiated for itself;
+    # the scheduler hands the segment it received on without copying)
     [via_sched] = client.scatter([data], workers=[a])
     assert in_shm(client.submit(where, via_sched, workers=[a]).result())
+    assert stats.snapshot().get("segments-forwarded", 0) == 1  # this process is the scheduler
     # scatter straight to the worker
     [direct] = client.scatter([data], workers=[b], direct=True)
     assert in_shm(client.submit(where, direct, workers=[b]).result())
@@ -86,6 +88,7 @@ def test_every_data_path_uses_shared_memory(cluster: tuple[LocalCluster, Client]
         info = where(got)
         assert info["ok"] and in_shm(info), (kwargs, info)
         del got
+    assert stats.snapshot()["segments-forwarded"] == 2  # the gather via the scheduler
     del via_sched, direct, y
 
 

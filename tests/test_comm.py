@@ -414,3 +414,28 @@ def test_hard_linked_segment_is_refused(tmp_path: Any) -> None:
         assert "hard links" in run(_send_raw_envelope(desc, []))
     finally:
         os.unlink(alias)
+
+
+def test_relay_forwards_received_segments_without_copying(shm_config: None) -> None:
+    """A peer that does not deserialize (the scheduler) hands the segments it
+    received on to the next receiver as they are: one copy end to end, and
+    the data arrives intact and zero-copy."""
+
+    async def main() -> None:
+        async with listen("shm://127.0.0.1:0", echo_server, deserialize=False) as listener:
+            comm = await connect(listener.contact_address)
+            x = np.arange(4 * 10**6)
+            for _ in range(3):
+                await comm.write({"x": to_serialize(x)})
+                y = (await comm.read())["x"]
+                np.testing.assert_array_equal(y, x)
+                path = mapping_of(y.__array_interface__["data"][0])
+                assert path and os.path.basename(path).startswith("dask-shm-")
+                y[:] = -1  # ours alone: the relay holds nothing of it any more
+                del y
+            await comm.close()
+
+    run(main())
+    counts = stats.snapshot()
+    assert counts["segments-forwarded"] == 3, counts
+    assert counts["shm-messages"] == 6  # 3 there, 3 forwarded back
