@@ -18,8 +18,9 @@ part makes it unguessable.  Responsibility moves with the name:
    written (a full tmpfs then fails with ENOSPC instead of SIGBUS later), then
    mapped and pre-faulted.  It keeps idle ones in its pool (``pool.py``).
 2. **Hand over.**  To send a frame the sender copies it into a pooled segment,
-   *unmaps* it (its RSS stops counting those pages: data is counted once) and
-   sends the name in a descriptor.  The file still carries the sender's name:
+   *unmaps* it (its RSS stops counting those pages: data is counted once;
+   large mappings are torn down by a helper thread while the descriptor
+   travels) and sends the name in a descriptor.  The file still carries the sender's name:
    until it is taken over, the sender is responsible for it.
 3. **Take over.**  The receiver renames the file to a fresh name of its own.
    ``rename`` is atomic, so exactly one of "receiver takes over" and "sender
@@ -72,6 +73,7 @@ import logging
 import mmap
 import multiprocessing.util
 import os
+import queue
 import re
 import secrets
 import stat
@@ -94,6 +96,7 @@ __all__ = [
     "ShmDirectory",
     "Segment",
     "SegmentInfo",
+    "drain_unmaps",
     "parse_name",
     "check_name",
     "create_probe",
@@ -388,9 +391,63 @@ def _after_fork_in_child() -> None:
         _owned.clear()
     ShmDirectory._cache.clear()
     _exit_registered = False
+    _unmapper.reset()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# --------------------------------------------------------------------------
+# Deferred unmapping
+
+#: Mappings at least this large are unmapped by a helper thread after a hand
+#: over: tearing down the page tables of 400 MB of touched pages takes ~32 ms
+#: here, as long as copying the data in, and nobody waits for it (munmap
+#: releases the GIL).
+DEFER_UNMAP = 8 << 20
+
+
+class _Unmapper:
+    """One daemon thread per process that closes handed-over mappings."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._queue: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._cond = threading.Condition()
+        self._pending = 0
+
+    def submit(self, mapping: mmap.mmap) -> None:
+        with self._cond:
+            self._pending += 1
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="dask-shm-unmapper", daemon=True
+                )
+                self._thread.start()
+        self._queue.put(mapping)
+
+    def _run(self) -> None:
+        while True:
+            mapping = self._queue.get()
+            try:
+                mapping.close()
+            except BufferError:  # a view leaked: a bug; refcounting unmaps it later
+                logger.error("dask-shm: a handed-over mapping still had views")
+            with self._cond:
+                self._pending -= 1
+                self._cond.notify_all()
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until every deferred mapping is closed (tests, benchmarks)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending == 0, timeout)
+
+
+_unmapper = _Unmapper()
+drain_unmaps = _unmapper.drain
 
 
 # --------------------------------------------------------------------------
@@ -563,12 +620,17 @@ class Segment:
     def hand_over(self) -> str:
         """Unmap (the receiver will own these pages) and return the name to send.
 
-        The file stays; this process remains responsible for it until the
-        receiver renames it.
+        Large mappings are unmapped by a helper thread, while the descriptor
+        is on its way (nothing of ours writes to them any more).  The file
+        stays; this process remains responsible for it until the receiver
+        renames it.
         """
-        assert self.mapping is not None
-        self.mapping.close()  # BufferError here would mean a view leaked: a bug
-        self.mapping = None
+        mapping, self.mapping = self.mapping, None
+        assert mapping is not None
+        if len(mapping) >= DEFER_UNMAP:
+            _unmapper.submit(mapping)
+        else:
+            mapping.close()  # BufferError here would mean a view leaked: a bug
         return self.name
 
     def export(

@@ -24,7 +24,7 @@ from distributed.protocol import to_serialize
 from dask_shm import stats
 from dask_shm.comm import SHM, SHMBackend, _Envelope
 from dask_shm.descriptor import Placement, encode
-from dask_shm.segments import current_owner, new_name
+from dask_shm.segments import current_owner, drain_unmaps, new_name
 
 from .conftest import SHM_DIR, ours
 
@@ -195,6 +195,7 @@ def test_sender_unmaps_what_it_hands_over(shm_config: None) -> None:
         x = np.arange(4 * 10**6)
         await comm.write({"x": to_serialize(x)})
         y = (await comm.read())["x"]
+        assert drain_unmaps()
         with open("/proc/self/maps") as f:
             mapped = [ln.split()[5] for ln in f if "dask-shm-" in ln]
         # Exactly one mapping of the echo (held by y) and one of the message
