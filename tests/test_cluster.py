@@ -50,7 +50,7 @@ def cluster(shm_config: None) -> Iterator[tuple[LocalCluster, Client]]:
         n_workers=2,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
+        dashboard_address=":0",
     ) as lc, Client(lc) as client:
         yield lc, client
 

@@ -224,7 +224,7 @@ def family_cluster(shm_config: None) -> Iterator[tuple[LocalCluster, Client]]:
         protocol="shm",
         n_workers=2,
         threads_per_worker=1,
-        dashboard_address=None,
+        dashboard_address=":0",
         serializers=FAMILY,
         deserializers=FAMILY,
     ) as lc, Client(lc, serializers=FAMILY, deserializers=FAMILY) as client:

@@ -85,7 +85,9 @@ def local_cluster(protocol: str, **client_kwargs: Any) -> Iterator[Client]:
         n_workers=2,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
+        # not None: the scheduler would still serve HTTP on 8787, and warn
+        # (an error here) when another cluster on this host has it
+        dashboard_address=":0",
     ) as lc, Client(lc, **client_kwargs) as client:
         yield client
 
@@ -109,12 +111,13 @@ def inputs() -> list[np.ndarray]:
 
 def round_trip(xs: list[np.ndarray], k: int) -> list[np.ndarray]:
     """One joblib call, large arrays both ways."""
-    return Parallel()(delayed(scale)(x, k) for x in xs)
+    ys: list[np.ndarray] = Parallel()(delayed(scale)(x, k) for x in xs)
+    return ys
 
 
 def check_round_trip(xs: list[np.ndarray], ys: list[np.ndarray], k: int) -> None:
     assert len(ys) == len(xs)
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
         assert y.dtype == x.dtype and y.shape == x.shape
         np.testing.assert_array_equal(y, x * k)
 
@@ -145,7 +148,7 @@ def test_large_arguments_go_to_the_workers_through_shared_memory(client: Client)
 def test_large_results_come_back_zero_copy(client: Client) -> None:
     with parallel_config(backend="dask"):
         ys = Parallel()(delayed(make)(seed, N) for seed in range(1, TASKS + 1))
-    for seed, y in zip(range(1, TASKS + 1), ys):
+    for seed, y in zip(range(1, TASKS + 1), ys, strict=True):
         np.testing.assert_array_equal(y, np.arange(N, dtype=np.int64) * seed)
     # worker -> scheduler -> client: the workers wrote segments, the
     # scheduler handed them on, and what Parallel returned are views of them.
@@ -172,8 +175,9 @@ def test_several_calls_both_directions(shm_config: None, direct: bool) -> None:
                 ys = round_trip(xs, k)
                 check_round_trip(xs, ys, k)
                 del ys
-            # The same array to every task: scattered once per call, the
-            # tasks on the other worker fetch it worker to worker.
+            # The same array to every task: scattered once per call (joblib
+            # keys its scatters by identity); a task that runs on the other
+            # worker fetches it from the first one.
             got = Parallel()(delayed(scale)(xs[0], k) for k in range(TASKS))
             for k, y in enumerate(got):
                 np.testing.assert_array_equal(y, xs[0] * k)
@@ -194,7 +198,7 @@ def test_several_calls_both_directions(shm_config: None, direct: bool) -> None:
         assert not any(everywhere(client, "fallback-cold").values())
 
 
-def test_default_configuration_warms_up(tmp_path: Any) -> None:
+def test_default_configuration_warms_up() -> None:
     """Threshold 4 MiB, cold transfers over TCP: the first call goes (partly)
     over TCP while the pools warm; later calls of the same sizes use shared
     memory.  Results are right either way."""
@@ -229,6 +233,6 @@ def test_tcp_gives_the_same_results(shm_config: None) -> None:
     shm_sums, shm_ys, shm_shm = run("shm")
     assert tcp_shm == 0 and shm_shm > 0
     assert tcp_sums == shm_sums == [int(x.sum()) for x in xs]
-    for a, b in zip(tcp_ys, shm_ys):
+    for a, b in zip(tcp_ys, shm_ys, strict=True):
         np.testing.assert_array_equal(a, b)
     check_round_trip(xs, shm_ys, 3)

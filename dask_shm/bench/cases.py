@@ -98,7 +98,7 @@ def local_cluster(scheme: str, workers: int) -> Iterator[Any]:
         n_workers=workers,
         threads_per_worker=1,
         processes=scheme != "inproc",
-        dashboard_address=None,
+        dashboard_address=":0",
         silence_logs=50,
     ) as lc, Client(lc) as client:
         yield client
