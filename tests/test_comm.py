@@ -422,21 +422,44 @@ def test_relay_forwards_received_segments_without_copying(shm_config: None) -> N
     received on to the next receiver as they are: one copy end to end, and
     the data arrives intact and zero-copy."""
 
+    async def relay(comm: Comm) -> None:
+        """Forward each message back, then send fresh data of its own: if a
+        forwarded segment had gone back into the relay's pool, that data
+        would land in pages the client now owns."""
+        try:
+            while True:
+                msg = await comm.read()
+                await comm.write(msg)
+                del msg
+                await comm.write({"x": to_serialize(np.full(4 * 10**6, 7))})
+        except CommClosedError:
+            pass
+        finally:
+            await comm.close()
+
     async def main() -> None:
-        async with listen("shm://127.0.0.1:0", echo_server, deserialize=False) as listener:
+        async with listen("shm://127.0.0.1:0", relay, deserialize=False) as listener:
             comm = await connect(listener.contact_address)
             x = np.arange(4 * 10**6)
+            kept = []
             for _ in range(3):
                 await comm.write({"x": to_serialize(x)})
                 y = (await comm.read())["x"]
                 np.testing.assert_array_equal(y, x)
                 path = mapping_of(y.__array_interface__["data"][0])
                 assert path and os.path.basename(path).startswith("dask-shm-")
-                y[:] = -1  # ours alone: the relay holds nothing of it any more
-                del y
+                fresh = (await comm.read())["x"]
+                assert (fresh == 7).all()
+                np.testing.assert_array_equal(y, x)  # untouched by the relay's new data
+                kept.append(y)
+                del fresh
+            for y in kept:
+                np.testing.assert_array_equal(y, x)
+                y[:] = -1  # ours alone
+            del kept, y
             await comm.close()
 
     run(main())
     counts = stats.snapshot()
     assert counts["segments-forwarded"] == 3, counts
-    assert counts["shm-messages"] == 6  # 3 there, 3 forwarded back
+    assert counts["shm-messages"] == 9  # 3 there, 3 forwarded back, 3 fresh
