@@ -173,6 +173,10 @@ class SHM(TCP):
         if directory is not None:
             name, token = create_probe(directory)
             self._probe = (directory, name, token, conf)
+            # distributed does not close a comm whose handshake failed (the
+            # peer died, the connect timed out): the probe must not outlive
+            # this object.  The read/write paths below remove it sooner.
+            weakref.finalize(self, directory.unlink, name)
             info["dask-shm"] = {
                 "version": PROTOCOL,
                 "probe": name,
@@ -234,7 +238,13 @@ class SHM(TCP):
     async def write(self, msg: Any, serializers: Any = None, on_error: str = "message") -> int:
         link = self._link
         if link is None:
-            return await super().write(msg, serializers, on_error)
+            if self._probe is None:
+                return await super().write(msg, serializers, on_error)
+            try:  # our handshake
+                return await super().write(msg, serializers, on_error)
+            except BaseException:
+                self._drop_probe()
+                raise
         if serializers is None:
             serializers = link.serializers
         if safe_sizeof(msg, default_size=0) < link.threshold:
@@ -305,7 +315,11 @@ class SHM(TCP):
 
     async def read(self, deserializers: Any = None) -> Any:
         if self._probe is not None:  # the peer's handshake
-            msg = await super().read(deserializers)
+            try:
+                msg = await super().read(deserializers)
+            except BaseException:
+                self._drop_probe()
+                raise
             await self._negotiate(msg)
             return msg
         link = self._link
@@ -349,11 +363,14 @@ class SHM(TCP):
 
     # -- ending ----------------------------------------------------------------
 
-    def _release(self, grace: float) -> None:
+    def _drop_probe(self) -> None:
         if self._probe is not None:
             directory, probe, _, _ = self._probe
             directory.unlink(probe)
             self._probe = None
+
+    def _release(self, grace: float) -> None:
+        self._drop_probe()
         link = self._link
         if link is not None and len(link.inflight):
             if grace > 0:

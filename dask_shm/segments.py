@@ -297,12 +297,25 @@ class ShmDirectory:
         return f"{_fmt(free)} free of {_fmt(total)} in {self.path}"
 
     def unlink(self, name: str) -> bool:
-        """Unlink ``name``; False if it was gone already."""
+        """Unlink ``name``; False if it was gone already.
+
+        Something other than a file planted under one of our names (a
+        directory) is removed if empty and otherwise left alone with a
+        warning: never an exception, so a janitor or a comm's cleanup always
+        gets through.
+        """
         try:
             os.unlink(name, dir_fd=self.fd)
             return True
         except FileNotFoundError:
             return False
+        except (IsADirectoryError, PermissionError):  # Linux says EISDIR or EPERM
+            try:
+                os.rmdir(name, dir_fd=self.fd)
+                return True
+            except OSError as e:
+                logger.warning("dask-shm: cannot remove %s from %s: %s", name, self.path, e)
+                return False
         finally:
             _forget_owned(self, name)
 
