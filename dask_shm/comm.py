@@ -10,6 +10,7 @@ listener and backend only swap the prefix and the comm class.
 from __future__ import annotations
 
 import logging
+import mmap
 import pickle
 import threading
 import weakref
@@ -36,6 +37,7 @@ from dask_shm.segments import (
     create_probe,
     current_owner,
     read_probe,
+    unmap_later,
 )
 from dask_shm.transfer import InFlight, assemble, place
 
@@ -80,6 +82,7 @@ class Link:
         self.pool: Pool = get_pool(conf.pool_size, conf.pool_idle_timeout)
         self.inflight = InFlight(directory)
         self._warm: list[int] = []
+        self._unmap: list[mmap.mmap] = []
 
     def defer_warm(self, sizes: list[int]) -> None:
         """Ask for size classes to be warmed once the current message has left
@@ -89,6 +92,15 @@ class Link:
     def pop_warm(self) -> list[int]:
         sizes, self._warm = self._warm, []
         return sizes
+
+    def defer_unmap(self, mappings: list[mmap.mmap]) -> None:
+        """Mappings a serialization family handed over, to unmap once the
+        comm has written the message (see :data:`segments.DEFER_UNMAP`)."""
+        self._unmap.extend(mappings)
+
+    def unmap_pending(self) -> None:
+        mappings, self._unmap = self._unmap, []
+        unmap_later(mappings)
 
     def __repr__(self) -> str:
         return f"<Link {self.directory.path} peer pid {self.peer.pid}>"
@@ -248,7 +260,10 @@ class SHM(TCP):
         if serializers is None:
             serializers = link.serializers
         if safe_sizeof(msg, default_size=0) < link.threshold:
-            n = await super().write(msg, serializers, on_error)
+            try:
+                n = await super().write(msg, serializers, on_error)
+            finally:
+                link.unmap_pending()
             self._warm_after_flush(link, link.pop_warm())
             return n
 
@@ -284,12 +299,15 @@ class SHM(TCP):
         else:
             stats.count("shm-messages")
             stats.count("shm-bytes", placed.nbytes)
+        link.defer_unmap(placed.unmap)
         envelope = _Envelope(placed.descriptor, *placed.inline)
         try:
             n = await super().write(envelope.pickled(), on_error="raise")
         except BaseException:
             link.inflight.discard()
             raise
+        finally:
+            link.unmap_pending()
         self._warm_after_flush(link, placed.warm + link.pop_warm())
         return n + placed.nbytes
 
@@ -372,6 +390,8 @@ class SHM(TCP):
     def _release(self, grace: float) -> None:
         self._drop_probe()
         link = self._link
+        if link is not None:
+            link.unmap_pending()
         if link is not None and len(link.inflight):
             if grace > 0:
                 timer = threading.Timer(grace, link.inflight.discard)

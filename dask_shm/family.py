@@ -90,6 +90,7 @@ def shm_dumps(x: Any, context: dict[str, Any] | None = None) -> tuple[dict[str, 
     )
     link.inflight.add(placed.names)
     link.defer_warm(placed.warm)
+    link.defer_unmap(placed.unmap)
     if placed.descriptor is not None:
         stats.count("family-messages")
         stats.count("family-bytes", placed.nbytes)

@@ -97,6 +97,7 @@ __all__ = [
     "Segment",
     "SegmentInfo",
     "drain_unmaps",
+    "unmap_later",
     "parse_name",
     "check_name",
     "create_probe",
@@ -413,10 +414,12 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 # --------------------------------------------------------------------------
 # Deferred unmapping
 
-#: Mappings at least this large are unmapped by a helper thread after a hand
-#: over: tearing down the page tables of 400 MB of touched pages takes ~32 ms
-#: here, as long as copying the data in, and nobody waits for it (munmap
-#: releases the GIL).
+#: Mappings at least this large are unmapped by a helper thread once the
+#: message that handed them over has been written: tearing down the page
+#: tables of 400 MB of touched pages takes ~32 ms here, as long as copying the
+#: data in.  It must not start earlier: while it runs it holds this process's
+#: mmap lock, and the event loop stalls on its next page fault or malloc
+#: (measured: the envelope's write then took as long as the munmap).
 DEFER_UNMAP = 8 << 20
 
 
@@ -461,6 +464,12 @@ class _Unmapper:
 
 _unmapper = _Unmapper()
 drain_unmaps = _unmapper.drain
+
+
+def unmap_later(mappings: list[mmap.mmap]) -> None:
+    """Have the helper thread close ``mappings`` (see :data:`DEFER_UNMAP`)."""
+    for m in mappings:
+        _unmapper.submit(m)
 
 
 # --------------------------------------------------------------------------
@@ -630,18 +639,18 @@ class Segment:
         except OSError:  # kernel < 5.14: touch one byte per page instead
             np.frombuffer(self.mapping, dtype=np.uint8)[::_PAGE].sum()
 
-    def hand_over(self) -> str:
+    def hand_over(self, unmap_later: list[mmap.mmap] | None = None) -> str:
         """Unmap (the receiver will own these pages) and return the name to send.
 
-        Large mappings are unmapped by a helper thread, while the descriptor
-        is on its way (nothing of ours writes to them any more).  The file
-        stays; this process remains responsible for it until the receiver
-        renames it.
+        A large mapping is appended to ``unmap_later`` instead, if given: the
+        caller passes those to :func:`unmap_later` once the descriptor is
+        written (nothing of ours writes to them any more).  The file stays;
+        this process remains responsible for it until the receiver renames it.
         """
         mapping, self.mapping = self.mapping, None
         assert mapping is not None
-        if len(mapping) >= DEFER_UNMAP:
-            _unmapper.submit(mapping)
+        if unmap_later is not None and len(mapping) >= DEFER_UNMAP:
+            unmap_later.append(mapping)
         else:
             mapping.close()  # BufferError here would mean a view leaked: a bug
         return self.name

@@ -6,6 +6,7 @@ both use these; neither touches segments directly.
 from __future__ import annotations
 
 import logging
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -44,6 +45,9 @@ class Placed:
     #: Frame sizes whose size class should be warmed for the next message
     #: (call :meth:`Pool.warm` once the message is on its way).
     warm: list[int] = field(default_factory=list)
+    #: Mappings handed over but not yet unmapped: pass them to
+    #: :func:`dask_shm.segments.unmap_later` once the descriptor is written.
+    unmap: list[mmap.mmap] = field(default_factory=list)
 
 
 def place(
@@ -67,6 +71,7 @@ def place(
     placements: list[Placement] = []
     inline: list[Frame] = []
     warm: list[int] = []
+    unmap: list[mmap.mmap] = []
     nbytes = 0
     for i, frame in enumerate(frames):
         mv = memoryview(frame)
@@ -102,12 +107,12 @@ def place(
         dst = np.frombuffer(seg.mapping, dtype=np.uint8, count=n)
         dst[:] = np.frombuffer(mv, dtype=np.uint8)  # any contiguous buffer, as bytes
         del dst
-        placements.append(Placement(i, seg.hand_over(), 0, n))
+        placements.append(Placement(i, seg.hand_over(unmap), 0, n))
         nbytes += n
     if not placements:
         return Placed(None, list(frames), warm=warm)
     return Placed(
-        encode(len(frames), placements), inline, [p.name for p in placements], nbytes, warm
+        encode(len(frames), placements), inline, [p.name for p in placements], nbytes, warm, unmap
     )
 
 
