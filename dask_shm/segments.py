@@ -19,8 +19,8 @@ part makes it unguessable.  Responsibility moves with the name:
    mapped and pre-faulted.  It keeps idle ones in its pool (``pool.py``).
 2. **Hand over.**  To send a frame the sender copies it into a pooled segment,
    *unmaps* it (its RSS stops counting those pages: data is counted once;
-   large mappings are torn down by a helper thread while the descriptor
-   travels) and sends the name in a descriptor.  The file still carries the sender's name:
+   large mappings are torn down by a helper thread once the descriptor has
+   been written) and sends the name in a descriptor.  The file still carries the sender's name:
    until it is taken over, the sender is responsible for it.
 3. **Take over.**  The receiver renames the file to a fresh name of its own.
    ``rename`` is atomic, so exactly one of "receiver takes over" and "sender
