@@ -45,6 +45,7 @@ import threading
 import time
 from collections import deque
 from functools import partial
+from collections.abc import Sequence
 from typing import Callable
 
 from dask_shm import stats
@@ -173,15 +174,48 @@ class Pool:
     # -- background work ---------------------------------------------------
 
     def warm(self, directory: ShmDirectory, n: int) -> None:
-        """Have a segment fitting ``n`` bytes made ready in the background."""
+        """Have a segment fitting ``n`` bytes made ready in the background.
+
+        If the pool is full, idle segments of other sizes make room, least
+        recently used first (they are parked, not lost): the size just asked
+        for is the one most likely to be asked for again.
+        """
         c = size_class(n)
         key = (directory.path, c)
         with self._lock:
-            if key in self._warming or c + self._idle_bytes > self.limit:
+            if key in self._warming or c > self.limit:
+                return
+            evicted = self._evict(c + self._idle_bytes - self.limit, keep=key)
+            if c + self._idle_bytes > self.limit:  # could not make room
+                self._return(evicted)
                 return
             self._warming.add(key)
         self._ensure_thread()
-        self._requests.put(partial(self._make_ready, directory, c))
+        self._requests.put(partial(self._make_ready, directory, c, evicted))
+
+    def _evict(self, nbytes: int, keep: tuple[str, int]) -> list[Segment]:
+        """Take at least ``nbytes`` of idle segments of classes other than
+        ``keep`` out of the pool, least recently used first (lock held)."""
+        if nbytes <= 0:
+            return []
+        candidates = sorted(
+            (seg.last_used, k) for k, q in self._idle.items() if k != keep for seg in q
+        )
+        out: list[Segment] = []
+        for _, k in candidates:
+            if nbytes <= 0:
+                break
+            seg = self._idle[k].popleft()  # each deque is oldest first
+            self._idle_bytes -= seg.size
+            nbytes -= seg.size
+            out.append(seg)
+        return out
+
+    def _return(self, segs: list[Segment]) -> None:
+        """Undo :meth:`_evict` (lock held)."""
+        for seg in segs:
+            self._idle[(seg.directory.path, seg.size)].appendleft(seg)
+            self._idle_bytes += seg.size
 
     def _ensure_thread(self) -> None:
         with self._lock:
@@ -212,7 +246,11 @@ class Pool:
                 for d in list(ShmDirectory._cache.values()):
                     _quiet_sweep(d)
 
-    def _make_ready(self, directory: ShmDirectory, size: int) -> None:
+    def _make_ready(
+        self, directory: ShmDirectory, size: int, evicted: Sequence[Segment] = ()
+    ) -> None:
+        for old in evicted:
+            self._park(old)
         seg = None
         try:
             seg = self._claim(directory, size)

@@ -1,0 +1,46 @@
+"""The pool, in memory and on the real shm directory: no cluster needed."""
+
+from __future__ import annotations
+
+import time
+
+from dask_shm.pool import Pool, size_class
+from dask_shm.segments import Segment, ShmDirectory
+
+from .conftest import SHM_DIR, wait_for
+
+KiB = 1024
+
+
+def test_size_classes_are_page_aligned_quarter_steps() -> None:
+    for n in (1, 4096, 65_537, 10**6, 4 * 10**6, 400 * 10**6):
+        c = size_class(n)
+        assert c >= n and c % 4096 == 0 and c <= max(n * 1.25 + 4096, 64 * KiB)
+
+
+def test_warming_a_new_size_parks_the_least_recently_used_others() -> None:
+    """A full pool makes room for the size just asked for: idle segments of
+    other sizes are parked (pages kept for any process to claim), oldest
+    first, instead of the new size never being warmed."""
+    d = ShmDirectory.get(SHM_DIR)
+    pool = Pool(limit=1024 * KiB, idle_timeout=60)
+    old, newer = Segment.create(d, 256 * KiB), Segment.create(d, 128 * KiB)
+    pool.put(old)
+    time.sleep(0.01)
+    pool.put(newer)
+    pool.put(Segment.create(d, 256 * KiB))
+    assert wait_for(lambda: pool.info()["warming"] == 0)
+    assert pool.info()["idle-bytes"] == 640 * KiB
+    try:
+        big = size_class(500 * KiB)  # 512 KiB: needs 128 KiB more than is free
+        pool.warm(d, 500 * KiB)
+        assert wait_for(lambda: pool.info()["warming"] == 0)
+        info = pool.info()
+        assert info["parked-segments"] == 1 and info["parked-bytes"] == 256 * KiB, info
+        assert info["idle-bytes"] == 128 * KiB + 256 * KiB + big, info
+        seg, _ = pool.take(d, 500 * KiB)
+        assert seg is not None and seg.size == big
+        assert old.mapping is None  # the oldest was the one parked
+        seg.destroy()
+    finally:
+        pool.trim()
