@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import dask
 import pytest
@@ -92,3 +96,33 @@ def shm_config() -> Iterator[None]:
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+Start = Callable[..., "subprocess.Popen[bytes]"]
+
+
+@contextmanager
+def dask_processes(env: dict[str, str]) -> Iterator[Start]:
+    """Start ``dask ...`` commands (``start("scheduler", "--port", "0")``) with
+    ``env``; on leaving, terminate them (a normal exit, which cleans up) and
+    kill what does not end within 30 s."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        cmd = [str(Path(sys.executable).parent / "dask"), *args]
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        )
+        return procs[-1]
+
+    try:
+        yield start
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in reversed(procs):
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()

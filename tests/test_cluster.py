@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from distributed import Client, LocalCluster
 
 from dask_shm import stats
 
-from .conftest import ours, wait_for
+from .conftest import dask_processes, ours, wait_for
 
 N = 8 * 10**6  # 64 MB of int64
 
@@ -106,10 +104,6 @@ def test_results_are_right_on_a_transfer_heavy_workload(
     assert sum(moved.values()) > 0
 
 
-def _dask(*args: str) -> list[str]:
-    return [str(Path(sys.executable).parent / "dask"), *args]
-
-
 def test_cli_scheduler_and_workers(tmp_path: Path) -> None:
     # The scheduler unpickles task graphs that refer to this module.
     root = str(Path(__file__).parent.parent)
@@ -119,25 +113,14 @@ def test_cli_scheduler_and_workers(tmp_path: Path) -> None:
         PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
     )
     sched_file = tmp_path / "scheduler.json"
-    procs = []
-    try:
-        procs.append(
-            subprocess.Popen(
-                _dask("scheduler", "--protocol", "shm", "--host", "127.0.0.1",
-                      "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file)),
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-        )
+    with dask_processes(env) as start:
+        start("scheduler", "--protocol", "shm", "--host", "127.0.0.1", "--port", "0",
+              "--no-dashboard", "--scheduler-file", str(sched_file))
         assert wait_for(sched_file.exists, timeout=30)
         address = json.loads(sched_file.read_text())["address"]
         assert address.startswith("shm://")
-        procs.append(
-            subprocess.Popen(
-                _dask("worker", address, "--nworkers", "2", "--nthreads", "1",
-                      "--no-dashboard", "--host", "127.0.0.1"),
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-        )
+        start("worker", address, "--nworkers", "2", "--nthreads", "1", "--no-dashboard",
+              "--host", "127.0.0.1")
         with Client(address, timeout=30) as client:
             client.wait_for_workers(2, timeout=30)
             a, b = sorted(client.scheduler_info()["workers"])
@@ -147,14 +130,5 @@ def test_cli_scheduler_and_workers(tmp_path: Path) -> None:
             assert info["ok"] and in_shm(info), info
             del x
             client.retire_workers()
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in reversed(procs):
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
     # Processes that ended normally leave nothing behind.
     assert wait_for(lambda: not ours()), ours()

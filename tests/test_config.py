@@ -20,8 +20,7 @@ import yaml
 
 from dask_shm.config import DEFAULTS_PATH, SCHEMA_PATH, ConfigError, Settings, settings
 
-from .conftest import ours, wait_for
-from .test_cluster import _dask
+from .conftest import dask_processes, ours, wait_for
 
 
 def test_schema_covers_every_key_and_accepts_the_defaults() -> None:
@@ -79,8 +78,8 @@ def test_invalid_configuration_fails_the_scheduler_at_start_up(
 ) -> None:
     env = dict(os.environ, **{f"DASK_DASK_SHM__{variable}": value})
     proc = subprocess.run(
-        _dask("scheduler", "--protocol", "shm", "--host", "127.0.0.1", "--port", "0",
-              "--no-dashboard"),
+        [str(Path(sys.executable).parent / "dask"), "scheduler", "--protocol", "shm",
+         "--host", "127.0.0.1", "--port", "0", "--no-dashboard"],
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode != 0
@@ -155,38 +154,19 @@ def test_one_config_file_turns_a_cli_deployment_onto_shm(tmp_path: Path) -> None
             """
         )
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("DASK_") or k == "DASK_DASK_SHM__DIRECTORY"}
     env["DASK_CONFIG"] = str(config_dir)
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        procs.append(
-            subprocess.Popen(
-                _dask("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard"),
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-        )
-        procs.append(
-            subprocess.Popen(
-                _dask("worker", "--nworkers", "2", "--nthreads", "1", "--no-dashboard"),
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-        )
+    with dask_processes(env) as start:
+        start("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard")
+        start("worker", "--nworkers", "2", "--nthreads", "1", "--no-dashboard")
         proc = subprocess.run(
             [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
         )
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout.strip().splitlines()[-1])
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in reversed(procs):
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
     assert out["scheduler"] == address
     assert all(w.startswith("shm://") for w in out["workers"]), out
     assert out["segment"] and out["segment"].startswith("dask-shm-"), out
