@@ -288,6 +288,16 @@ class Pool:
             self._idle.setdefault((seg.directory.path, seg.size), deque()).append(seg)
             self._warming.discard((seg.directory.path, seg.size))
 
+    def claim(self, directory: ShmDirectory, n: int) -> Segment | None:
+        """A parked segment fitting ``n`` bytes, claimed and mapped now (or
+        None).  For a sender that found no mapped segment: claiming costs a
+        page-table fill (~0.11 ms per MB here), cheaper than sending the frame
+        over TCP (~0.4 ms per MB), and far cheaper than creating one."""
+        seg = self._claim(directory, size_class(n))
+        if seg is not None:
+            stats.count("segments-claimed")
+        return seg
+
     def _claim(self, directory: ShmDirectory, size: int) -> Segment | None:
         """Claim a parked segment of class ``size`` (ours first, then anyone's)."""
         with self._lock:

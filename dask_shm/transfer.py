@@ -63,9 +63,11 @@ def place(
     A frame a relay received in a segment is handed on in that segment
     instead (once; a second forward copies).
 
-    Frames that find no segment (a cold pool with ``cold_transfer="tcp"``, or
-    a full directory) stay inline; so does everything smaller.  Blocking:
-    call it off the event loop for large messages.  It does not warm the
+    A frame that finds no mapped segment in ``pool`` claims a parked one if
+    there is one; frames that find no segment at all (a cold pool with
+    ``cold_transfer="tcp"``, or a full directory) stay inline; so does
+    everything smaller.  Blocking: call it off the event loop for large
+    messages.  It does not warm the
     pool itself: warming competes for the CPU with sending.
     """
     placements: list[Placement] = []
@@ -88,7 +90,9 @@ def place(
             stats.count("segments-forwarded")
             continue
         seg, replace = pool.take(directory, n)
-        if replace:
+        if seg is None:
+            seg = pool.claim(directory, n)  # a segment some receiver parked
+        if replace and seg is None:
             warm.append(n)
         if seg is None:
             if cold_transfer != "shm":
