@@ -29,7 +29,7 @@ from dask_shm.segments import (
     sweep,
 )
 
-from .conftest import SHM_DIR, is_root, ours
+from .conftest import SHM_DIR, is_root, ours, wait_for
 from .test_comm import echo_server
 
 root_only = pytest.mark.skipif(
@@ -104,7 +104,7 @@ def test_unread_segments_are_removed_when_the_comm_aborts() -> None:
 
     from dask_shm.pool import get_pool
 
-    from .conftest import wait_for
+
 
     async def main() -> None:
         server_side: list[object] = []
@@ -150,7 +150,7 @@ def test_full_directory_falls_back_to_tcp_and_warns_once(
     import dask_shm.segments as segments
 
     segments._full_warned = False
-    x = np.arange(25 * 10**6)  # 200 MB through a 64 MiB directory
+    x = np.arange(5 * 10**7)  # 400 MB through a 64 MiB directory
 
     async def main() -> None:
         async with listen("shm://127.0.0.1:0", echo_server) as listener:
@@ -170,6 +170,40 @@ def test_full_directory_falls_back_to_tcp_and_warns_once(
     assert "free of 64.0 MiB" in msg and "--shm-size" in msg and "dask-shm.directory" in msg
     assert stats.snapshot()["fallback-enospc"] >= 3
     assert not [n for n in os.listdir(small_tmpfs) if n.startswith("dask-shm-")]
+
+
+def _worker_state() -> dict[str, int]:
+    from dask_shm import stats as worker_stats
+
+    return {"pid": os.getpid(), "enospc": worker_stats.snapshot().get("fallback-enospc", 0)}
+
+
+@root_only
+def test_full_directory_on_a_cluster_moves_400_mb_and_no_worker_dies(small_tmpfs: Path) -> None:
+    """Worker processes on a 64 MiB directory: a 400 MB worker-to-worker
+    dependency and a direct gather arrive intact through the TCP fallback,
+    no worker dies (same pids before and after: no SIGBUS), the fallback is
+    counted, and nothing is left in the small directory."""
+    from distributed import Client, LocalCluster
+
+    conf = {"dask-shm.directory": str(small_tmpfs), "dask-shm.cold-transfer": "shm"}
+    with dask.config.set(conf), LocalCluster(
+        protocol="shm", n_workers=2, threads_per_worker=1, dashboard_address=":0"
+    ) as lc, Client(lc) as client:
+        a, b = sorted(client.scheduler_info()["workers"])
+        before = client.run(_worker_state)
+        x = client.submit(np.arange, 5 * 10**7, workers=[a], pure=False)
+        last = client.submit(lambda v: int(v[-1]), x, workers=[b]).result()
+        assert last == 5 * 10**7 - 1
+        got = client.gather(x, direct=True)
+        assert int(got[-1]) == 5 * 10**7 - 1 and got.size == 5 * 10**7
+        after = client.run(_worker_state)
+        assert {w: s["pid"] for w, s in after.items()} == {w: s["pid"] for w, s in before.items()}
+        assert after[a]["enospc"] >= 1, after
+        del x, got
+    assert wait_for(
+        lambda: not [n for n in os.listdir(small_tmpfs) if n.startswith("dask-shm-")]
+    )
 
 
 @root_only

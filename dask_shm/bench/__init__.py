@@ -197,7 +197,8 @@ def render(results: list[Any], notes: dict[str, Any]) -> str:
             out.append(f"| {path} ({fmt_size(next(iter(row.values())).nbytes)}) | " + " | ".join(cells) + f" | {r1} | {r2} |")
     rss = {k: v for k, v in notes.items() if k.startswith("rss")}
     if rss:
-        out += ["", "## RSS change after one more worker-to-worker transfer (steady state), as a fraction of the payload", ""]
+        out += ["", "## RSS change across one worker-to-worker transfer, as a fraction of the payload "
+                "(pools' idle segments released before each reading)", ""]
         out.append("| transport | sender | receiver |")
         out.append("|---|---|---|")
         for k, v in rss.items():

@@ -239,21 +239,24 @@ def _rss() -> int:
 
 
 def _settled_rss() -> int:
-    """RSS once this process's pool has finished warming."""
+    """RSS of the data alone: once this process's pool has finished warming,
+    with its idle segments released (they are a bounded cache, reported by
+    ``dask shm status`` and the ``pool-*`` counters, not data)."""
     from dask_shm.pool import get_pool
 
     deadline = time.monotonic() + 10
     while get_pool().info()["warming"] and time.monotonic() < deadline:
         time.sleep(0.05)
+    get_pool().trim()
     time.sleep(0.2)
     return _rss()
 
 
 def rss_after_transfer(client: Any, nbytes: int, rounds: int = 3) -> dict[str, float]:
-    """RSS of the sender and the receiver of a worker-to-worker transfer, in
-    steady state (after ``rounds`` transfers of the same size warmed every
-    pool), just before and just after one more transfer whose result the
-    receiver reads and keeps.  Each round moves a freshly made array (a replica already
+    """RSS of the sender and the receiver of a worker-to-worker transfer, just
+    before and just after one more transfer (after ``rounds`` of the same
+    size) whose result the receiver reads and keeps; both readings exclude
+    the pools' idle segments (see :func:`_settled_rss`).  Each round moves a freshly made array (a replica already
     on the receiver would not move).  Returned as fractions of ``nbytes``:
     the sender's should be ~0 (it keeps nothing of what it handed over), the
     receiver's ~1 (the data, counted once)."""
