@@ -176,13 +176,20 @@ class SHM(TCP):
         #: the end of the handshake.
         self._probe: tuple[ShmDirectory, str, str, Settings] | None = None
         self._link: Link | None = None
+        #: Why this comm is plain TCP, once its handshake said so: "disabled"
+        #: (by configuration, or the directory is unusable), "plain-peer" (the
+        #: peer is tcp:// or an older dask-shm), "no-probe" (another host,
+        #: user or directory).  Counted per message as fallback-<reason>.
+        self._plain_reason: str | None = None
 
     # -- handshake -----------------------------------------------------------
 
     def handshake_info(self) -> dict[str, Any]:
         info = super().handshake_info()
         conf, directory = _local_directory()
-        if directory is not None:
+        if directory is None:
+            self._plain_reason = "disabled"
+        else:
             name, token = create_probe(directory)
             self._probe = (directory, name, token, conf)
             # distributed does not close a comm whose handshake failed (the
@@ -204,6 +211,7 @@ class SHM(TCP):
             theirs = remote.get("dask-shm") if isinstance(remote, dict) else None
             if not isinstance(theirs, dict) or theirs.get("version") != PROTOCOL:
                 stats.count("handshake-plain")
+                self._plain_reason = "plain-peer"
                 return
             try:
                 peer = Owner(*map(int, theirs["owner"]))
@@ -223,6 +231,7 @@ class SHM(TCP):
         )
         if not ok or peer is None:
             stats.count("handshake-no-probe")
+            self._plain_reason = "no-probe"
             logger.debug("%s: peer does not share %s; using TCP", self, directory.path)
             return
         self._link = link = Link(directory, peer, bool(theirs.get("relay")), conf)
@@ -251,6 +260,8 @@ class SHM(TCP):
         link = self._link
         if link is None:
             if self._probe is None:
+                if self._plain_reason is not None:
+                    stats.count(f"fallback-{self._plain_reason}")
                 return await super().write(msg, serializers, on_error)
             try:  # our handshake
                 return await super().write(msg, serializers, on_error)
@@ -260,6 +271,7 @@ class SHM(TCP):
         if serializers is None:
             serializers = link.serializers
         if safe_sizeof(msg, default_size=0) < link.threshold:
+            stats.count("below-threshold")
             try:
                 n = await super().write(msg, serializers, on_error)
             finally:

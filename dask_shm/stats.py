@@ -9,14 +9,19 @@ them on Dask's Prometheus endpoints.  Names:
 ``tcp-messages`` / ``tcp-bytes``
     Messages (and their frame bytes) written on ``shm://`` comms entirely
     over TCP.
+``fallback-cold`` / ``fallback-enospc``
+    Frames at or above the threshold that went over TCP anyway on a
+    shared-memory comm: no pre-faulted or parked segment fitted (``cold``), or
+    the directory was full (``enospc``; ``fallback-enospc-warm`` when a
+    background warm-up found it full).
 ``fallback-<reason>``
-    Frames at or above the threshold that went over TCP anyway, by reason:
-    ``cold`` (no pre-faulted segment fitted), ``enospc`` (the directory was
-    full), ``no-probe`` (the peer failed the handshake probe: another host,
-    user or directory), ``disabled`` (``dask-shm.enabled`` is false or the
-    directory is unusable).
+    Messages written on ``shm://`` comms that are plain TCP, by why:
+    ``no-probe`` (the peer failed the handshake probe: another host, user or
+    directory), ``plain-peer`` (the peer is ``tcp://``), ``disabled``
+    (``dask-shm.enabled`` is false or the directory is unusable).
 ``below-threshold``
-    Messages whose frames were all smaller than ``dask-shm.threshold``.
+    Messages on shared-memory comms estimated smaller than
+    ``dask-shm.threshold`` (sent as plain TCP without looking further).
 ``family-messages`` / ``family-bytes``
     Objects the ``"shm"`` serialization family serialized with at least one
     buffer in shared memory, and the bytes it placed.

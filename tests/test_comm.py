@@ -153,6 +153,8 @@ def test_behaviour(scheme: str, check: Callable[[str], Awaitable[None]], shm_con
     run(check(scheme))
     if scheme == "shm":
         assert stats.snapshot().get("shm-messages", 0) > 0
+        if check is check_roundtrip:  # it sends small messages too
+            assert stats.snapshot().get("below-threshold", 0) > 0
 
 
 # -- the shared-memory specifics -------------------------------------------------
@@ -220,6 +222,7 @@ def test_tcp_client_to_shm_listener_is_plain_tcp() -> None:
 
     run(main())
     assert stats.snapshot().get("handshake-shm", 0) == 0
+    assert stats.snapshot()["fallback-plain-peer"] >= 1  # the listener's echoes
     assert not ours()
 
 
@@ -249,6 +252,7 @@ def test_disabled_is_plain_tcp() -> None:
 
         run(with_echo("shm", body))
     assert stats.snapshot().get("shm-messages", 0) == 0
+    assert stats.snapshot()["fallback-disabled"] >= 2
 
 
 PEER = textwrap.dedent(
@@ -299,6 +303,7 @@ def test_peer_with_another_directory_fails_the_probe(tmp_path: Any) -> None:
 
     assert run(main()) == "tcp 0 0"
     assert stats.snapshot().get("handshake-no-probe", 0) == 1
+    assert stats.snapshot()["fallback-no-probe"] == 2  # the listener's two echoes
     assert not os.listdir(tmp_path)
 
 
