@@ -44,8 +44,8 @@ import queue
 import threading
 import time
 from collections import deque
-from functools import partial
 from collections.abc import Sequence
+from functools import partial
 from typing import Callable
 
 from dask_shm import stats

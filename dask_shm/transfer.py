@@ -67,8 +67,8 @@ def place(
     there is one; frames that find no segment at all (a cold pool with
     ``cold_transfer="tcp"``, or a full directory) stay inline; so does
     everything smaller.  Blocking: call it off the event loop for large
-    messages.  It does not warm the
-    pool itself: warming competes for the CPU with sending.
+    messages.  It does not warm the pool itself: warming competes for the CPU
+    with sending.
     """
     placements: list[Placement] = []
     inline: list[Frame] = []
