@@ -468,3 +468,19 @@ def test_relay_forwards_received_segments_without_copying(shm_config: None) -> N
     counts = stats.snapshot()
     assert counts["segments-forwarded"] == 3, counts
     assert counts["shm-messages"] == 9  # 3 there, 3 forwarded back, 3 fresh
+
+
+def test_size_estimate_sends_what_may_be_large_through_shared_memory() -> None:
+    from distributed.protocol import Serialized
+    from distributed.protocol.serialize import ToPickle
+
+    from dask_shm.comm import _reaches
+
+    big, small = np.ones(5 << 20, dtype="u1"), np.ones(1000, dtype="u1")
+    assert _reaches({"x": to_serialize(big)}, 4 << 20)
+    assert _reaches([{"a": [to_serialize(small)] * 10_000}], 4 << 20)  # many small ones add up
+    assert _reaches({"op": "update", "keys": [str(i) for i in range(10**6)]}, 4 << 20)
+    assert _reaches(Serialized({}, [memoryview(big)]), 4 << 20)
+    assert _reaches(ToPickle(big), 4 << 20)
+    assert not _reaches({"x": to_serialize(small), "op": "get_data", "n": 3}, 4 << 20)
+    assert not _reaches(b"ok", 4 << 20)
