@@ -90,10 +90,10 @@ def place(
             stats.count("segments-forwarded")
             continue
         seg, replace = pool.take(directory, n)
+        if replace:  # that was the last of its size here, or there was none
+            warm.append(n)
         if seg is None:
             seg = pool.claim(directory, n)  # a segment some receiver parked
-        if replace and seg is None:
-            warm.append(n)
         if seg is None:
             if cold_transfer != "shm":
                 stats.count("fallback-cold")
