@@ -44,3 +44,32 @@ def test_warming_a_new_size_parks_the_least_recently_used_others() -> None:
         seg.destroy()
     finally:
         pool.trim()
+
+
+def test_a_sender_that_takes_the_last_segment_of_a_size_asks_for_another() -> None:
+    """Whether the last mapped segment of a size was taken, or a parked one
+    had to be claimed on the spot, the pool is asked to warm that size again,
+    so the next message of that size finds one ready (a regression: claiming
+    on a miss once suppressed it, and every later transfer paid the claim)."""
+    import numpy as np
+
+    from dask_shm.transfer import place
+
+    d = ShmDirectory.get(SHM_DIR)
+    pool = Pool(limit=64 << 20, idle_timeout=60)
+    n = 1 << 20
+    frame = np.ones(n, dtype="u1")
+    pool.put(Segment.create(d, size_class(n)))
+    assert wait_for(lambda: pool.info()["warming"] == 0)
+    parked = Segment.create(d, size_class(n))
+    parked.park()
+    try:
+        for how in ("mapped", "claimed"):
+            placed = place([frame], directory=d, pool=pool, threshold=1, cold_transfer="tcp")
+            assert placed.descriptor is not None, how
+            assert placed.warm == [n], how
+            for name in placed.names:
+                d.unlink(name)
+    finally:
+        pool.trim()
+        d.unlink(parked.name)
