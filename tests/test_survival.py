@@ -301,8 +301,12 @@ def test_kill_9_senders_and_receivers_during_transfers(shm_config: None) -> None
             # A round without a kill: how long the transfers take here, and
             # proof that they go through shared memory.
             baseline = one_round(0, None, 0.0)
+            # (allow_other_workers lets the scheduler co-locate a pair now
+            # and then, so not every one of the transfers need happen.)
             moved = client.run(counter, "segments-received")
-            assert sum(moved.values()) >= TRANSFERS_PER_ROUND, moved
+            assert sum(moved.values()) >= 1, moved
+            over_tcp = client.run(counter, "tcp-messages")
+            assert sum(over_tcp.values()) == 0, over_tcp
             roles = ["sender", "receiver"] * (KILL_ROUNDS // 2)
             rng.shuffle(roles)
             for r, role in enumerate(roles, start=1):
