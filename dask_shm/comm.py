@@ -14,7 +14,6 @@ import mmap
 import pickle
 import threading
 import weakref
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -40,7 +39,7 @@ from dask_shm.segments import (
     read_probe,
     unmap_later,
 )
-from dask_shm.transfer import InFlight, assemble, place
+from dask_shm.transfer import InFlight, Placed, assemble, place
 
 __all__ = ["SHM", "SHMConnector", "SHMListener", "SHMBackend", "Link"]
 
@@ -85,19 +84,28 @@ class Link:
         self._warm: list[int] = []
         self._unmap: list[mmap.mmap] = []
 
-    def defer_warm(self, sizes: list[int]) -> None:
-        """Ask for size classes to be warmed once the current message has left
-        (for the serialization family, which cannot see the flush)."""
-        self._warm.extend(sizes)
-
     def pop_warm(self) -> list[int]:
         sizes, self._warm = self._warm, []
         return sizes
 
-    def defer_unmap(self, mappings: list[mmap.mmap]) -> None:
-        """Mappings a serialization family handed over, to unmap once the
-        comm has written the message (see :data:`segments.DEFER_UNMAP`)."""
-        self._unmap.extend(mappings)
+    def place(self, frames: list[Any]) -> Placed:
+        """Place ``frames`` for this hop (:func:`transfer.place` with this
+        link's settings), remember what went in flight, and defer the warm-ups
+        and unmaps until the comm has written the message.  Blocking: the
+        comm offloads it for large messages; serialization families call it
+        while the comm serializes."""
+        self.inflight.prune()
+        placed = place(
+            frames,
+            directory=self.directory,
+            pool=self.pool,
+            threshold=self.threshold,
+            cold_transfer=self.cold_transfer,
+        )
+        self.inflight.add(placed.names)
+        self._warm.extend(placed.warm)
+        self._unmap.extend(placed.unmap)
+        return placed
 
     @property
     def deferred(self) -> bool:
@@ -346,27 +354,17 @@ class SHM(TCP):
             },
             frame_split_size=NO_SPLIT,
         )
-        link.inflight.prune()
-        place_frames = partial(
-            place,
-            directory=link.directory,
-            pool=link.pool,
-            threshold=link.threshold,
-            cold_transfer=link.cold_transfer,
-        )
         total = sum(map(nbytes, frames))
         if total > OFFLOAD_THRESHOLD:
-            placed = await offload(place_frames, frames)
+            placed = await offload(link.place, frames)
         else:
-            placed = place_frames(frames)
-        link.inflight.add(placed.names)
+            placed = link.place(frames)
         if placed.descriptor is None:
             stats.count("tcp-messages")
             stats.count("tcp-bytes", total)
         else:
             stats.count("shm-messages")
             stats.count("shm-bytes", placed.nbytes)
-        link.defer_unmap(placed.unmap)
         envelope = _Envelope(placed.descriptor, *placed.inline)
         try:
             n = await super().write(envelope.pickled(), on_error="raise")
@@ -375,7 +373,7 @@ class SHM(TCP):
             raise
         finally:
             link.unmap_pending()
-        self._warm_after_flush(link, placed.warm + link.pop_warm())
+        self._warm_after_flush(link, link.pop_warm())
         return n + placed.nbytes
 
     def _warm_after_flush(self, link: Link, sizes: list[int]) -> None:

@@ -87,9 +87,7 @@ def _bool(key: str, value: Any) -> bool:
 
 
 def _serializers(value: Any) -> tuple[str, ...] | None:
-    from distributed.protocol.serialize import families
-
-    import dask_shm.family  # noqa: F401  (registers "shm")
+    from distributed.protocol.serialize import families  # "shm" registered by dask_shm
 
     if value is None:
         return None

@@ -17,7 +17,7 @@ deserializes what it receives.  Everywhere else it raises
   memory with us).
 
 Buffers of ``dask-shm.threshold`` bytes or more are placed by
-:func:`dask_shm.transfer.place`, exactly as the comm places frames, and
+:meth:`dask_shm.comm.Link.place`, exactly as the comm places frames, and
 described in the header; smaller ones stay ordinary frames.  Compared with
 the comm's own placement the family adds one thing: it sees the buffers
 themselves, so an object whose ``sizeof`` is underestimated still travels
@@ -41,7 +41,7 @@ from dask_shm import stats
 from dask_shm.config import settings
 from dask_shm.pool import get_pool
 from dask_shm.segments import DescriptorError, Owner, ShmDirectory, current_owner
-from dask_shm.transfer import Frame, assemble, place
+from dask_shm.transfer import Frame, assemble
 
 __all__ = ["NAME", "shm_dumps", "shm_loads"]
 
@@ -80,17 +80,7 @@ def shm_dumps(x: Any, context: dict[str, Any] | None = None) -> tuple[dict[str, 
     except Exception as e:  # not picklable: perhaps the next family can
         raise NotImplementedError(f"dask-shm family: cannot pickle: {e}") from e
 
-    link.inflight.prune()
-    placed = place(
-        [pik, *buffers],
-        directory=link.directory,
-        pool=link.pool,
-        threshold=link.threshold,
-        cold_transfer=link.cold_transfer,
-    )
-    link.inflight.add(placed.names)
-    link.defer_warm(placed.warm)
-    link.defer_unmap(placed.unmap)
+    placed = link.place([pik, *buffers])
     if placed.descriptor is not None:
         stats.count("family-messages")
         stats.count("family-bytes", placed.nbytes)

@@ -64,7 +64,7 @@ class _Progress:
 def run(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
     from dask_shm import stats
     from dask_shm.bench import cases, joblib_case
-    from dask_shm.bench.report import summarize
+    from dask_shm.bench.report import fmt_size, summarize
 
     sections = set(args.sections.split(","))
     sizes = [_parse_size(s) for s in args.sizes.split(",")]
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
                         s, g = cases.scatter_gather(client, n, reps, args.pause, direct)
                         results.append(summarize("cluster", f"scatter {label}", scheme, n, s))
                         results.append(summarize("cluster", f"gather {label}", scheme, n, g))
-                cluster_work.append((f"cluster paths {fmt(n)}", w2w))
+                cluster_work.append((f"cluster paths {fmt_size(n)}", w2w))
 
             def array(client: Any, scheme: str = scheme) -> None:
                 t = cases.dask_array_workload(client, args.array_n, reps, args.pause)
@@ -161,12 +161,6 @@ def run(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
     finally:
         progress.close()
     return results, notes
-
-
-def fmt(n: int) -> str:
-    from dask_shm.bench.report import fmt_size
-
-    return fmt_size(n)
 
 
 def render(results: list[Any], notes: dict[str, Any]) -> str:
