@@ -14,6 +14,7 @@ import mmap
 import pickle
 import threading
 import weakref
+from collections.abc import Coroutine
 from typing import Any
 
 import numpy as np
@@ -81,6 +82,7 @@ class Link:
         self.serializers = conf.serializers
         self.pool: Pool = get_pool(conf.pool_size, conf.pool_idle_timeout)
         self.inflight = InFlight(directory)
+        self.below_threshold = stats.Tally("below-threshold")
         self._warm: list[int] = []
         self._unmap: list[mmap.mmap] = []
 
@@ -131,42 +133,49 @@ def _reaches(msg: Any, threshold: int) -> bool:
     The common containers and buffers are measured directly, anything else
     with Dask's ``sizeof``.  It runs for every message on every shared-memory
     comm: ``safe_sizeof`` of a small ``{"x": to_serialize(array)}`` costs
-    ~12 us here, a measurable share of a 0.45 ms round trip; this costs ~1 us.
+    ~12 us here, a measurable share of a 0.45 ms round trip; this costs ~1 us
+    (0.1 us for bytes).
     """
+    t = type(msg)
+    if t is bytes or t is str:
+        return len(msg) >= threshold
     total = 0
     stack = [msg]
-    for _ in range(_REACHES_BUDGET):
-        if not stack:
-            return False
+    budget = _REACHES_BUDGET
+    while stack:
+        budget -= 1
+        if not budget:  # a huge message: estimate it whole
+            return safe_sizeof(msg, default_size=0) >= threshold
         x = stack.pop()
         t = type(x)
         if t is dict:
             stack.extend(x.values())
             total += 8 * len(x)
-        elif t is list or t is tuple:
+            continue
+        if t is list or t is tuple:
             stack.extend(x)
             total += 8 * len(x)
-        elif t is bytes or t is bytearray or t is str:
+            continue
+        if t in _SCALARS:
+            continue
+        if t is bytes or t is bytearray or t is str:
             total += len(x)
-        elif t is memoryview:
-            total += x.nbytes
-        elif t is np.ndarray:
+        elif t is memoryview or t is np.ndarray:
             total += x.nbytes
         elif t is Serialize or t is ToPickle:
             stack.append(x.data)
+            continue
         elif t is Serialized or t is Pickled:
             total += sum(map(nbytes, x.frames))
             total += len(x.header.get("pickled-obj", b""))  # Pickled's in-band part
-        elif t in _SCALARS:
-            total += 8
         else:
             total += safe_sizeof(x, default_size=0)
         if total >= threshold:
             return True
-    return safe_sizeof(msg, default_size=0) >= threshold  # a huge message: estimate it whole
+    return False
 
 
-_SCALARS = (int, float, bool, type(None))
+_SCALARS = frozenset((int, float, bool, type(None)))
 
 
 class _Envelope:
@@ -239,11 +248,11 @@ class SHM(TCP):
         #: the end of the handshake.
         self._probe: tuple[ShmDirectory, str, str, Settings] | None = None
         self._link: Link | None = None
-        #: Why this comm is plain TCP, once its handshake said so: "disabled"
-        #: (by configuration, or the directory is unusable), "plain-peer" (the
-        #: peer is tcp:// or an older dask-shm), "no-probe" (another host,
-        #: user or directory).  Counted per message as fallback-<reason>.
-        self._plain_reason: str | None = None
+        #: Messages written as plain TCP, counted as fallback-<why> once the
+        #: handshake said why: "disabled" (by configuration, or the directory
+        #: is unusable), "plain-peer" (the peer is tcp:// or an older
+        #: dask-shm), "no-probe" (another host, user or directory).
+        self._plain: stats.Tally | None = None
 
     # -- handshake -----------------------------------------------------------
 
@@ -251,7 +260,7 @@ class SHM(TCP):
         info = super().handshake_info()
         conf, directory = _local_directory()
         if directory is None:
-            self._plain_reason = "disabled"
+            self._plain = stats.Tally("fallback-disabled")
         else:
             name, token = create_probe(directory)
             self._probe = (directory, name, token, conf)
@@ -274,7 +283,7 @@ class SHM(TCP):
             theirs = remote.get("dask-shm") if isinstance(remote, dict) else None
             if not isinstance(theirs, dict) or theirs.get("version") != PROTOCOL:
                 stats.count("handshake-plain")
-                self._plain_reason = "plain-peer"
+                self._plain = stats.Tally("fallback-plain-peer")
                 return
             try:
                 peer = Owner(*map(int, theirs["owner"]))
@@ -294,7 +303,7 @@ class SHM(TCP):
         )
         if not ok or peer is None:
             stats.count("handshake-no-probe")
-            self._plain_reason = "no-probe"
+            self._plain = stats.Tally("fallback-no-probe")
             logger.debug("%s: peer does not share %s; using TCP", self, directory.path)
             return
         self._link = link = Link(directory, peer, bool(theirs.get("relay")), conf)
@@ -319,29 +328,48 @@ class SHM(TCP):
 
     # -- messages ------------------------------------------------------------
 
-    async def write(self, msg: Any, serializers: Any = None, on_error: str = "message") -> int:
+    # ``write`` and ``read`` are plain methods returning TCP's coroutine
+    # wherever nothing of ours runs after the bytes move: every message pays
+    # for an extra coroutine frame otherwise (a few percent of a small
+    # message's round trip).
+
+    def write(  # type: ignore[override]
+        self, msg: Any, serializers: Any = None, on_error: str = "message"
+    ) -> Coroutine[Any, Any, int]:
         link = self._link
         if link is None:
-            if self._probe is None:
-                if self._plain_reason is not None:
-                    stats.count(f"fallback-{self._plain_reason}")
-                return await super().write(msg, serializers, on_error)
-            try:  # our handshake
-                return await super().write(msg, serializers, on_error)
-            except BaseException:
-                self._drop_probe()
-                raise
+            if self._probe is not None:
+                return self._write_handshake(msg, serializers, on_error)
+            if self._plain is not None:
+                self._plain.n += 1
+            return super().write(msg, serializers, on_error)
         if serializers is None:
             serializers = link.serializers
-        if not _reaches(msg, link.threshold):
-            stats.count("below-threshold")
-            try:
-                return await super().write(msg, serializers, on_error)
-            finally:
-                if link.deferred:  # what a serialization family placed meanwhile
-                    link.unmap_pending()
-                    self._warm_after_flush(link, link.pop_warm())
+        if _reaches(msg, link.threshold):
+            return self._write_large(link, msg, serializers, on_error)
+        link.below_threshold.n += 1
+        if serializers is not None and "shm" in serializers:
+            return self._write_small(link, msg, serializers, on_error)
+        return super().write(msg, serializers, on_error)
 
+    async def _write_handshake(self, msg: Any, serializers: Any, on_error: str) -> int:
+        try:
+            return await super().write(msg, serializers, on_error)
+        except BaseException:
+            self._drop_probe()
+            raise
+
+    async def _write_small(self, link: Link, msg: Any, serializers: Any, on_error: str) -> int:
+        """A message sent as plain TCP whose serialization may still place
+        buffers through the "shm" family."""
+        try:
+            return await super().write(msg, serializers, on_error)
+        finally:
+            if link.deferred:
+                link.unmap_pending()
+                self._warm_after_flush(link, link.pop_warm())
+
+    async def _write_large(self, link: Link, msg: Any, serializers: Any, on_error: str) -> int:
         frames = await to_frames(
             msg,
             allow_offload=self.allow_offload,
@@ -396,24 +424,31 @@ class SHM(TCP):
         else:
             stream.write(b"").add_done_callback(warm)
 
-    async def read(self, deserializers: Any = None) -> Any:
-        if self._probe is not None:  # the peer's handshake
-            try:
-                msg = await super().read(deserializers)
-            except BaseException:
-                self._drop_probe()
-                raise
-            await self._negotiate(msg)
-            return msg
-        link = self._link
+    def read(self, deserializers: Any = None) -> Coroutine[Any, Any, Any]:  # type: ignore[override]
+        if self._probe is not None:
+            return self._read_handshake(deserializers)
+        if self._link is None:
+            return super().read(deserializers)
+        return self._read_link(self._link, deserializers)
+
+    async def _read_handshake(self, deserializers: Any) -> Any:
+        """The peer's handshake message, then our side of the probe exchange."""
         try:
             msg = await super().read(deserializers)
-            if link is None or type(msg) is not _Envelope:
+        except BaseException:
+            self._drop_probe()
+            raise
+        await self._negotiate(msg)
+        return msg
+
+    async def _read_link(self, link: Link, deserializers: Any) -> Any:
+        try:
+            msg = await super().read(deserializers)
+            if type(msg) is not _Envelope:
                 return msg
             return await self._open_envelope(link, msg, deserializers)
         except CommClosedError:
-            if link is not None:
-                self._sweep_peer_later()
+            self._sweep_peer_later()
             raise
         except (DescriptorError, SegmentMissing) as e:
             # From the comm's descriptor or a serialization family's header.

@@ -51,3 +51,19 @@ def test_counters_from_client_run_and_prometheus(shm_config: None) -> None:
         sched = metrics_of("127.0.0.1", client.scheduler_info()["services"]["dashboard"])
         assert "dask_shm_handshake_shm_total" in sched
         del x
+
+
+def test_tally_counts_live_and_after_its_owner_dies() -> None:
+    stats.reset()
+    t = stats.Tally("test-tally")
+    t.n += 3
+    assert stats.snapshot()["test-tally"] == 3
+    del t  # folded into the totals
+    assert stats.snapshot()["test-tally"] == 3
+    u = stats.Tally("test-tally")
+    u.n += 1
+    assert stats.snapshot()["test-tally"] == 4
+    stats.reset()
+    assert "test-tally" not in stats.snapshot()
+    u.n += 1
+    assert stats.snapshot()["test-tally"] == 1

@@ -3,7 +3,8 @@
 Every case is measured for each transport in the same run, beside two
 bounds: one memcpy of the same bytes (the physical limit) and ``inproc://``
 (threads in one process: no IPC at all).  Ratios are computed from those
-medians; the first repetition of each case is reported apart as "cold"
+medians (for comm one-way, whose repetitions interleave, the median of
+the per-repetition ratios); the first repetition of each case is reported apart as "cold"
 (nothing pooled yet, first-touch costs everywhere) and compared cold against
 cold.  Sections: comm one-way, LocalCluster paths (worker-to-worker,
 scatter/gather direct and through the scheduler), an end-to-end dask.array
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
                 results.append(summarize("comm one-way", "memcpy", "memcpy", n, cases.memcpy(n, args.reps), cold=False))
                 times = cases.comm_one_way(["inproc", "tcp", "shm"], [n], reps, args.pause, lambda: None)
                 for (scheme, size), t in times.items():
-                    results.append(summarize("comm one-way", "comm one-way", scheme, size, t))
+                    results.append(summarize("comm one-way", "comm one-way", scheme, size, t, paired=True))
             steps.append((f"comm one-way {n} B", comm_step))
 
     schemes = ["inproc", "tcp", "shm"]

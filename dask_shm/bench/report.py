@@ -8,7 +8,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Result", "summarize", "fmt_size", "table", "write_json", "plot"]
+__all__ = ["Result", "summarize", "ratio", "fmt_size", "table", "write_json", "plot"]
 
 MB = 10**6
 
@@ -29,13 +29,21 @@ class Result:
 
 
 def summarize(
-    section: str, path: str, transport: str, nbytes: int, times: list[float], cold: bool = True
+    section: str, path: str, transport: str, nbytes: int, times: list[float], cold: bool = True,
+    paired: bool = False,
 ) -> Result:
-    """Median and spread of the warm repetitions; the first one is "cold"."""
+    """Median and spread of the warm repetitions; the first one is "cold".
+
+    ``paired``: the repetitions interleave with another transport's, one for
+    one; the raw times are kept so that :func:`table` can take the median of
+    the per-repetition ratios, which cancels the machine's drift.
+    """
     first = times[0] if cold and len(times) > 1 else None
     warm = times[1:] if first is not None else times
     q = statistics.quantiles(warm, n=4) if len(warm) > 1 else [warm[0]] * 3
-    return Result(section, path, transport, nbytes, statistics.median(warm), q[2] - q[0], first, len(warm))
+    extra: dict[str, Any] = {"paired-times": warm} if paired else {}
+    return Result(section, path, transport, nbytes, statistics.median(warm), q[2] - q[0], first,
+                  len(warm), extra)
 
 
 def fmt_size(n: int) -> str:
@@ -55,6 +63,15 @@ def _ratio(a: float | None, b: float | None) -> str:
     if not a or not b:
         return "-"
     return f"{a / b:.2f}"
+
+
+def ratio(base: Result, cont: Result) -> float:
+    """``base`` over ``cont``: the median of per-repetition ratios when both
+    were measured interleaved (see :func:`summarize`), else of the medians."""
+    a, b = base.extra.get("paired-times"), cont.extra.get("paired-times")
+    if a and b and len(a) == len(b):
+        return statistics.median(x / y for x, y in zip(a, b))
+    return base.median / cont.median
 
 
 def table(results: list[Result], baseline: str, contender: str, bounds: tuple[str, ...]) -> str:
@@ -79,7 +96,7 @@ def table(results: list[Result], baseline: str, contender: str, bounds: tuple[st
                else by.get((section, path, b, n)) for b in bounds]
         row = [
             section, path, fmt_size(n), _ms(base.median), _ms(cont.median),
-            _ratio(base.median, cont.median),
+            f"{ratio(base, cont):.2f}",
             f"{_ms(base.spread)} / {_ms(cont.spread)}",
             *(_ms(b.median if b else None) for b in bnd),
         ]
