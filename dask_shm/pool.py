@@ -20,10 +20,13 @@ segments), so many small segments but two 400 MB ones; the total stays
 within the limit.
 
 Flow: a received segment goes back to the receiver's mapped tier when its last
-view dies (pre-faulted again first: the receiver mapped it lazily, and a
-write fault per page would cost more than the copy), or is parked if its
-class is full.  A sender
-that takes the last mapped segment of a size, or finds none (a *cold*
+view dies if this process has itself sent frames of that size within
+``pool-idle-timeout`` (pre-faulted again first: the receiver mapped it lazily,
+and a write fault per page would cost more than the copy); otherwise, or if
+its class is full, it is parked.  So a worker that only receives keeps no
+idle segments in its RSS (Dask's memory manager reads RSS), and the sender
+claims back what the receiver released instead of creating fresh pages.  A
+sender that takes the last mapped segment of a size, or finds none (a *cold*
 transfer, which goes over TCP), asks the housekeeping thread to *warm* one:
 claim a parked segment of that size, else create one.  So in a one-way flow
 (worker A to worker B, client to workers) the sender refills from what the
@@ -102,6 +105,8 @@ class Pool:
         self._parked: deque[tuple[float, ShmDirectory, str, int]] = deque()
         self._parked_bytes = 0
         self._warming: set[tuple[str, int]] = set()
+        #: When this process last wanted a segment of each class to send.
+        self._sent: dict[tuple[str, int], float] = {}
         self._requests: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -112,6 +117,7 @@ class Pool:
         whether one should be warmed to replace it."""
         c = size_class(n)
         with self._lock:
+            self._sent[(directory.path, c)] = time.monotonic()
             for cls in (c, size_class(c + 1)):
                 q = self._idle.get((directory.path, cls))
                 if q:
@@ -121,7 +127,8 @@ class Pool:
         return None, True
 
     def put(self, seg: Segment) -> None:
-        """Keep ``seg`` mapped for reuse, or park it for another process.
+        """Keep ``seg`` mapped for reuse if this process sends its size (and
+        there is room), or park it for any process to claim.
 
         Used as the release callback of received segments, so it may run in
         any thread.
@@ -130,16 +137,26 @@ class Pool:
             seg.destroy()
             return
         key = (seg.directory.path, seg.size)
+        now = time.monotonic()
+        evicted: list[Segment] = []
         with self._lock:
             q = self._idle.get(key)
             keep = (
-                (len(q) if q else 0) < self._per_class(seg.size)
+                now - self._sent.get(key, -math.inf) < self.idle_timeout
+                and (len(q) if q else 0) < self._per_class(seg.size)
                 and key not in self._warming
-                and self._idle_bytes + seg.size <= self.limit
+                and seg.size <= self.limit
             )
+            if keep:  # a size this process sends: others make room, as in warm()
+                evicted = self._evict(self._idle_bytes + seg.size - self.limit, keep=key)
+                if self._idle_bytes + seg.size > self.limit:
+                    self._return(evicted)
+                    evicted, keep = [], False
             if keep:
                 self._warming.add(key)  # pre-faulted before anyone takes it
                 self._idle_bytes += seg.size
+        for old in evicted:
+            self._park(old)
         if not keep:
             self._park(seg)
         elif seg.size <= INLINE_PREFAULT:

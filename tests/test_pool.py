@@ -25,6 +25,8 @@ def test_warming_a_new_size_parks_the_least_recently_used_others() -> None:
     d = ShmDirectory.get(SHM_DIR)
     pool = Pool(limit=1024 * KiB, idle_timeout=60)
     old, newer = Segment.create(d, 256 * KiB), Segment.create(d, 128 * KiB)
+    for seg in (old, newer):
+        assert pool.take(d, seg.size) == (None, True)  # this process sends these sizes
     pool.put(old)
     time.sleep(0.01)
     pool.put(newer)
@@ -59,6 +61,7 @@ def test_a_sender_that_takes_the_last_segment_of_a_size_asks_for_another() -> No
     pool = Pool(limit=64 << 20, idle_timeout=60)
     n = 1 << 20
     frame = np.ones(n, dtype="u1")
+    pool.take(d, n)  # this process sends that size
     pool.put(Segment.create(d, size_class(n)))
     assert wait_for(lambda: pool.info()["warming"] == 0)
     parked = Segment.create(d, size_class(n))
@@ -73,3 +76,27 @@ def test_a_sender_that_takes_the_last_segment_of_a_size_asks_for_another() -> No
     finally:
         pool.trim()
         d.unlink(parked.name)
+
+
+def test_a_released_segment_stays_mapped_only_for_sizes_this_process_sends() -> None:
+    """A receiver that never sends a size parks what it releases (out of its
+    RSS, claimable by the sender); one that sent that size recently keeps it
+    mapped for its own next send."""
+    d = ShmDirectory.get(SHM_DIR)
+    pool = Pool(limit=64 << 20, idle_timeout=60)
+    n = 1 << 20
+    try:
+        first = Segment.create(d, size_class(n))
+        pool.put(first)
+        info = pool.info()
+        assert (info["idle-segments"], info["parked-segments"]) == (0, 1), info
+        assert first.mapping is None
+        assert pool.take(d, n) == (None, True)  # now it sends that size
+        second = Segment.create(d, size_class(n))
+        pool.put(second)
+        assert wait_for(lambda: pool.info()["warming"] == 0)
+        info = pool.info()
+        assert (info["idle-segments"], info["parked-segments"]) == (1, 1), info
+        assert second.mapping is not None
+    finally:
+        pool.trim()

@@ -3,14 +3,15 @@
 Every case is measured for each transport in the same run, beside two
 bounds: one memcpy of the same bytes (the physical limit) and ``inproc://``
 (threads in one process: no IPC at all).  Ratios are computed from those
-medians (for comm one-way, whose repetitions interleave, the median of
-the per-repetition ratios); the first repetition of each case is reported apart as "cold"
-(nothing pooled yet, first-touch costs everywhere) and compared cold against
-cold.  Sections: comm one-way, LocalCluster paths (worker-to-worker,
-scatter/gather direct and through the scheduler), an end-to-end dask.array
-workload, the original proposal's workload (400 MB ``np.arange`` from a
-child over ``multiprocessing.Pipe`` + pickle), RSS after a transfer, and
-joblib's backends.  Output: markdown tables on stdout, ``results.json`` and
+medians (for cases whose repetitions interleave, comm one-way and cold, the
+median of the per-repetition ratios); the first repetition of each case is
+reported apart as "cold" and compared cold against cold.  Sections: comm
+one-way, LocalCluster paths (worker-to-worker, scatter/gather direct and
+through the scheduler), an end-to-end dask.array workload, the first
+transfers of fresh clusters (cold: nothing pooled anywhere), the original
+proposal's workload (400 MB ``np.arange`` from a child over
+``multiprocessing.Pipe`` + pickle), RSS after a transfer, and joblib's
+backends.  Output: markdown tables on stdout, ``results.json`` and
 ``throughput.png`` in ``--output``.  Timings are evidence here; tests never
 assert them.
 """
@@ -28,7 +29,7 @@ __all__ = ["main"]
 
 DEFAULT_SIZES = "1KB,16KB,64KB,1MB,16MB,128MB,400MB"
 DEFAULT_CLUSTER_SIZES = "16MB,128MB,400MB"
-SECTIONS = ("comm", "cluster", "proposal", "memory", "joblib")
+SECTIONS = ("comm", "cluster", "cold", "proposal", "memory", "joblib")
 
 
 def _parse_size(s: str) -> int:
@@ -129,6 +130,16 @@ def run(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
                     notes["worker stats shm"] = client.run(stats.snapshot)
         steps.append((f"start {scheme} cluster", cluster_step))
 
+    if "cold" in sections:
+        def cold() -> None:
+            n = max(csizes)
+            times = cases.cold_transfers(["tcp", "shm"], n, args.cold_samples, args.workers,
+                                         lambda: None)
+            for (scheme, path), t in times.items():
+                results.append(summarize("cold", f"first {path}", scheme, n, t, cold=False,
+                                         paired=True))
+        steps.append(("cold: fresh clusters", cold))
+
     if "proposal" in sections:
         def pipe() -> None:
             n = args.proposal_size // 8
@@ -211,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers (default %(default)s)")
     p.add_argument("--pause", type=float, default=0.2,
                    help="seconds between large repetitions (default %(default)s)")
+    p.add_argument("--cold-samples", type=int, default=6,
+                   help="fresh clusters per transport for the cold section (default %(default)s)")
     p.add_argument("--array-n", type=int, default=8000,
                    help="side of the dask.array workload's float64 matrix (default %(default)s)")
     p.add_argument("--proposal-size", type=_parse_size, default="400MB",

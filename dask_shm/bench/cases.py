@@ -15,7 +15,7 @@ import numpy as np
 
 __all__ = [
     "memcpy", "comm_one_way", "local_cluster", "worker_to_worker", "scatter_gather",
-    "dask_array_workload", "pipe_pickle", "gather_arange", "rss_after_transfer",
+    "dask_array_workload", "cold_transfers", "pipe_pickle", "gather_arange", "rss_after_transfer",
 ]
 
 Tick = Callable[[], None]
@@ -182,6 +182,38 @@ def dask_array_workload(client: Any, n: int, reps: int, pause: float) -> list[fl
         out.append(time.perf_counter() - t0)
         time.sleep(pause)
     del x
+    return out
+
+
+def cold_transfers(schemes: list[str], nbytes: int, samples: int, workers: int,
+                   tick: Tick) -> dict[tuple[str, str], list[float]]:
+    """The first transfers of a fresh cluster, when nothing is pooled yet:
+    a worker-to-worker dependency, then a scatter through the scheduler.
+
+    Every sample starts a new LocalCluster per scheme (schemes alternate
+    from sample to sample), so each time is a cold one; keyed by (scheme,
+    path).  ``shm://`` sends a cold transfer over TCP (``cold-transfer:
+    tcp``) and warms its pool afterwards, so it should match ``tcp://``.
+    """
+    from dask_shm.pool import get_pool
+
+    out: dict[tuple[str, str], list[float]] = {}
+    for i in range(samples):
+        for scheme in schemes if i % 2 == 0 else schemes[::-1]:
+            get_pool().trim()  # this process hosts the client and the scheduler
+            with local_cluster(scheme, workers) as client:
+                a, b = _workers(client)[:2]
+                x = client.submit(np.ones, nbytes, dtype=np.uint8, workers=[a], pure=False)
+                client.submit(len, x, workers=[a]).result()
+                t0 = time.perf_counter()
+                client.submit(_last, x, workers=[b]).result()
+                out.setdefault((scheme, "worker->worker"), []).append(time.perf_counter() - t0)
+                data = np.ones(nbytes, dtype=np.uint8)
+                t0 = time.perf_counter()
+                [f] = client.scatter([data], workers=[a], hash=False)
+                out.setdefault((scheme, "scatter via scheduler"), []).append(time.perf_counter() - t0)
+                del x, f
+            tick()
     return out
 
 
