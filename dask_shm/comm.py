@@ -26,7 +26,7 @@ from distributed.sizeof import safe_sizeof
 from distributed.utils import nbytes, offload
 from tornado import gen
 
-from dask_shm import metrics, stats
+from dask_shm import family, metrics, stats
 from dask_shm.config import Settings, settings
 from dask_shm.pool import Pool, get_pool
 from dask_shm.segments import (
@@ -348,7 +348,7 @@ class SHM(TCP):
         if _reaches(msg, link.threshold):
             return self._write_large(link, msg, serializers, on_error)
         link.below_threshold.n += 1
-        if serializers is not None and "shm" in serializers:
+        if serializers is not None and family.NAME in serializers:
             return self._write_small(link, msg, serializers, on_error)
         return super().write(msg, serializers, on_error)
 
