@@ -8,12 +8,14 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import dask
 import pytest
+from distributed.comm import connect, listen
 from distributed.comm.core import Comm
 
 import dask_shm  # noqa: F401  (loads the configuration defaults)
@@ -126,3 +128,27 @@ def dask_processes(env: dict[str, str]) -> Iterator[Start]:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+async def first_read_error(send: Callable[[Comm], Awaitable[object]]) -> BaseException:
+    """Open an shm:// listener, connect to it, ``send`` on the new comm (which
+    must have negotiated shared memory) and return the exception the
+    listener's first ``read`` raised."""
+    errors: asyncio.Queue[BaseException] = asyncio.Queue()
+
+    async def handler(comm: Comm) -> None:
+        try:
+            await comm.read()
+        except BaseException as e:
+            await errors.put(e)
+        finally:
+            comm.abort()
+
+    async with listen("shm://127.0.0.1:0", handler) as listener:
+        comm = await connect(listener.contact_address)
+        try:
+            assert comm.link is not None  # type: ignore[attr-defined]
+            await send(comm)
+            return await asyncio.wait_for(errors.get(), 10)
+        finally:
+            comm.abort()

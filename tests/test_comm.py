@@ -26,7 +26,7 @@ from dask_shm.comm import SHM, SHMBackend, _Envelope
 from dask_shm.descriptor import Placement, encode
 from dask_shm.segments import current_owner, drain_unmaps, new_name
 
-from .conftest import SHM_DIR, ours
+from .conftest import SHM_DIR, first_read_error, ours
 
 SCHEMES = ["tcp", "shm"]
 
@@ -326,22 +326,9 @@ def test_peer_process_on_same_host_uses_shm() -> None:
 async def _send_raw_envelope(descriptor: bytes, inline: list[Any]) -> str:
     """Send a hand-made envelope over an established shm link; return the
     error the receiving side raised."""
-    errors: asyncio.Queue[BaseException] = asyncio.Queue()
-
-    async def handler(comm: Comm) -> None:
-        try:
-            await comm.read()
-        except BaseException as e:
-            await errors.put(e)
-        finally:
-            comm.abort()
-
-    async with listen("shm://127.0.0.1:0", handler) as listener:
-        comm = await connect(listener.contact_address)
-        assert comm.link is not None  # type: ignore[attr-defined]
-        await TCP.write(comm, _Envelope(descriptor, *inline).pickled())
-        err = await asyncio.wait_for(errors.get(), 10)
-        comm.abort()
+    err = await first_read_error(
+        lambda comm: TCP.write(comm, _Envelope(descriptor, *inline).pickled())
+    )
     assert isinstance(err, CommClosedError), err
     return str(err)
 

@@ -20,10 +20,10 @@ from distributed.comm.core import Comm, CommClosedError
 from distributed.protocol import Serialized, deserialize, serialize, to_serialize
 
 from dask_shm import stats
-from dask_shm.comm import SHM
 from dask_shm.descriptor import Placement, encode
 from dask_shm.segments import current_owner, new_name
 
+from .conftest import first_read_error
 from .test_cluster import in_shm, where
 from .test_comm import mapping_of, run
 
@@ -195,27 +195,9 @@ def bad_header(**changes: Any) -> Serialized:
     ids=["other-recipient", "foreign-owner", "bad-sender", "bad-writeable", "garbage", "missing"],
 )
 def test_bad_header_closes_comm_with_clear_error(serialized: Serialized, problem: str) -> None:
-    async def main() -> None:
-        errors: asyncio.Queue[BaseException] = asyncio.Queue()
-
-        async def handler(comm: Comm) -> None:
-            try:
-                await comm.read()
-            except Exception as e:
-                await errors.put(e)
-            finally:
-                await comm.close()
-
-        async with listen("shm://127.0.0.1:0", handler) as listener:
-            comm = await connect(listener.contact_address)
-            assert isinstance(comm, SHM) and comm.link is not None
-            await comm.write({"x": serialized})
-            err = await asyncio.wait_for(errors.get(), 10)
-            await comm.close()
-        assert isinstance(err, CommClosedError), repr(err)
-        assert re.search(problem, str(err), flags=re.IGNORECASE), str(err)
-
-    run(main())
+    err = run(first_read_error(lambda comm: comm.write({"x": serialized})))
+    assert isinstance(err, CommClosedError), repr(err)
+    assert re.search(problem, str(err), flags=re.IGNORECASE), str(err)
 
 
 @pytest.fixture

@@ -133,8 +133,7 @@ def run(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
     if "cold" in sections:
         def cold() -> None:
             n = max(csizes)
-            times = cases.cold_transfers(["tcp", "shm"], n, args.cold_samples, args.workers,
-                                         lambda: None)
+            times = cases.cold_transfers(["tcp", "shm"], n, args.cold_samples, args.workers)
             for (scheme, path), t in times.items():
                 results.append(summarize("cold", f"first {path}", scheme, n, t, cold=False,
                                          paired=True))

@@ -185,8 +185,8 @@ def dask_array_workload(client: Any, n: int, reps: int, pause: float) -> list[fl
     return out
 
 
-def cold_transfers(schemes: list[str], nbytes: int, samples: int, workers: int,
-                   tick: Tick) -> dict[tuple[str, str], list[float]]:
+def cold_transfers(schemes: list[str], nbytes: int, samples: int,
+                   workers: int) -> dict[tuple[str, str], list[float]]:
     """The first transfers of a fresh cluster, when nothing is pooled yet:
     a worker-to-worker dependency, then a scatter through the scheduler.
 
@@ -202,18 +202,13 @@ def cold_transfers(schemes: list[str], nbytes: int, samples: int, workers: int,
         for scheme in schemes if i % 2 == 0 else schemes[::-1]:
             get_pool().trim()  # this process hosts the client and the scheduler
             with local_cluster(scheme, workers) as client:
-                a, b = _workers(client)[:2]
-                x = client.submit(np.ones, nbytes, dtype=np.uint8, workers=[a], pure=False)
-                client.submit(len, x, workers=[a]).result()
-                t0 = time.perf_counter()
-                client.submit(_last, x, workers=[b]).result()
-                out.setdefault((scheme, "worker->worker"), []).append(time.perf_counter() - t0)
+                [w2w] = worker_to_worker(client, nbytes, reps=1, pause=0.0)
+                out.setdefault((scheme, "worker->worker"), []).append(w2w)
                 data = np.ones(nbytes, dtype=np.uint8)
                 t0 = time.perf_counter()
-                [f] = client.scatter([data], workers=[a], hash=False)
+                [f] = client.scatter([data], workers=_workers(client)[:1], hash=False)
                 out.setdefault((scheme, "scatter via scheduler"), []).append(time.perf_counter() - t0)
-                del x, f
-            tick()
+                del f
     return out
 
 
