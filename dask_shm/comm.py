@@ -9,9 +9,12 @@ listener and backend only swap the prefix and the comm class.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import pickle
+import struct
+import termios
 import threading
 import weakref
 from collections.abc import Coroutine
@@ -28,7 +31,7 @@ from tornado import gen
 
 from dask_shm import family, metrics, stats
 from dask_shm.config import Settings, settings
-from dask_shm.pool import Pool, get_pool
+from dask_shm.pool import Pool, busy_probes, get_pool
 from dask_shm.segments import (
     DescriptorError,
     Owner,
@@ -308,6 +311,7 @@ class SHM(TCP):
             return
         self._link = link = Link(directory, peer, bool(theirs.get("relay")), conf)
         stats.count("handshake-shm")
+        _linked.add(self)
         weakref.finalize(self, link.inflight.discard)
 
     # A staticmethod in Comm; distributed calls it on the instance, and the
@@ -383,6 +387,7 @@ class SHM(TCP):
             frame_split_size=NO_SPLIT,
         )
         total = sum(map(nbytes, frames))
+        link.pool.note_activity()  # warm-ups that create pages yield to this
         if total > OFFLOAD_THRESHOLD:
             placed = await offload(link.place, frames)
         else:
@@ -401,6 +406,7 @@ class SHM(TCP):
             raise
         finally:
             link.unmap_pending()
+            link.pool.note_activity()
         self._warm_after_flush(link, link.pop_warm())
         return n + placed.nbytes
 
@@ -456,6 +462,7 @@ class SHM(TCP):
             raise CommClosedError(f"in {self}: {e}") from e
 
     async def _open_envelope(self, link: Link, msg: _Envelope, deserializers: Any) -> Any:
+        link.pool.note_activity()
         frames = msg.frames
         if msg.descriptor is not None:
             frames = assemble(
@@ -518,6 +525,41 @@ class SHM(TCP):
     def abort(self) -> None:
         super().abort()
         self._release(0)
+
+
+#: Comms of this process with a shared-memory link (see :func:`_moving_bytes`).
+_linked: weakref.WeakSet[SHM] = weakref.WeakSet()
+#: Bytes queued in a socket that mean a large message is on its way.
+BUSY_QUEUE = 256 * 1024
+
+
+def _moving_bytes() -> bool:
+    """Whether a linked comm of this process has a large message in flight
+    over TCP (a cold transfer): at least ``BUSY_QUEUE`` bytes queued in its
+    socket, either way.  A busy probe of the pool (see ``Pool.busy``), run
+    in its threads: a closed socket is skipped, and a race with the event
+    loop can only make it say "busy" once too often or too rarely."""
+    try:
+        comms = list(_linked)
+    except RuntimeError:  # the set changed while copied
+        return True
+    for comm in comms:
+        stream = comm.stream
+        sock = None if stream is None else stream.socket
+        fd = -1 if sock is None else sock.fileno()
+        if fd < 0:
+            continue
+        for request in (termios.FIONREAD, termios.TIOCOUTQ):
+            try:
+                queued = struct.unpack("i", fcntl.ioctl(fd, request, b"\0\0\0\0"))[0]
+            except OSError:
+                break
+            if queued >= BUSY_QUEUE:
+                return True
+    return False
+
+
+busy_probes.append(_moving_bytes)
 
 
 class SHMConnector(TCPConnector):

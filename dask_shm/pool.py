@@ -33,6 +33,20 @@ claim a parked segment of that size, else create one.  So in a one-way flow
 receiver released.  Warming runs at low CPU priority, after the message that
 triggered it was written.
 
+Creating is the last resort: fresh pages cost ~0.85 ms of kernel time per MB
+here, and a warm-up that creates 400 MB while a transfer runs slows that
+transfer several times over (2 cores).  So a warm-up of a large size
+(``AWAIT_RETURN_MIN``) that finds nothing to claim, in a process that holds
+received segments of that size or got one back recently, first waits up to
+``WARM_WAIT`` for one to come back: a segment this process releases fills it
+at once, one another process parks is claimed.  In a round trip (scatter
+then gather, a task's input then its result) segments then circulate and
+none are created after the first.  When one must be created after all, a
+thread of its own does it in steps of ``CREATE_STEP``, each waiting while
+this process moves a large message (``Pool.busy``: one written or read
+within ``QUIET``, or a comm socket with bytes queued), for at most
+``MAX_YIELD`` in all.
+
 Idle segments are released after ``dask-shm.pool-idle-timeout``: mapped ones
 are parked, parked ones unlinked.  Sizes are rounded up to classes a quarter
 power of two apart, so a segment serves any frame up to 25 % smaller.
@@ -43,6 +57,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import heapq
+import itertools
 import queue
 import threading
 import time
@@ -53,6 +69,7 @@ from typing import Callable
 
 from dask_shm import stats
 from dask_shm.segments import (
+    CREATE_STEP,
     Segment,
     ShmDirectory,
     ShmError,
@@ -78,6 +95,17 @@ CLASS_SHARE = 16
 INLINE_PREFAULT = 4 << 20
 #: How often the housekeeping thread looks for idle segments and orphans.
 HOUSEKEEPING_INTERVAL = 1.0
+#: Warm-ups of at least this size may wait for a segment to come back
+#: instead of creating one at once (below it creating costs < ~27 ms).
+AWAIT_RETURN_MIN = 32 << 20
+#: How long such a warm-up waits, and how often it looks for parked ones.
+WARM_WAIT = 1.0
+WARM_POLL = 0.05
+#: After a large message, this process counts as busy for this long: a
+#: warm-up that must create fresh pages waits for quiet (see Pool.busy)...
+QUIET = 0.05
+#: ...but for at most this long in all.
+MAX_YIELD = 5.0
 SWEEP_INTERVAL = 60.0
 #: Niceness of the housekeeping thread: warming must not slow a transfer.
 WARM_NICENESS = 10
@@ -99,6 +127,8 @@ class Pool:
     def __init__(self, limit: int, idle_timeout: float) -> None:
         self.limit = limit
         self.idle_timeout = idle_timeout
+        #: How long a warm-up waits for a segment to come back (WARM_WAIT).
+        self.warm_wait = WARM_WAIT
         self._lock = threading.Lock()
         self._idle: dict[tuple[str, int], deque[Segment]] = {}
         self._idle_bytes = 0
@@ -107,7 +137,18 @@ class Pool:
         self._warming: set[tuple[str, int]] = set()
         #: When this process last wanted a segment of each class to send.
         self._sent: dict[tuple[str, int], float] = {}
+        #: Received segments of each class whose views are alive, and when
+        #: one last came back: a warm-up may wait for the next (see above).
+        self._live: dict[tuple[str, int], int] = {}
+        self._returned: dict[tuple[str, int], float] = {}
+        #: Warm-ups waiting for a segment to come back, with their deadline.
+        self._awaiting: dict[tuple[str, int], float] = {}
         self._requests: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = itertools.count()
+        self._last_activity = -math.inf
+        #: Bumped by a full trim: warm-ups started before it discard their segment.
+        self._generation = 0
         self._thread: threading.Thread | None = None
 
     # -- taking and giving back -------------------------------------------
@@ -141,20 +182,28 @@ class Pool:
         evicted: list[Segment] = []
         with self._lock:
             q = self._idle.get(key)
-            keep = (
-                now - self._sent.get(key, -math.inf) < self.idle_timeout
-                and (len(q) if q else 0) < self._per_class(seg.size)
-                and key not in self._warming
-                and seg.size <= self.limit
-            )
+            awaited = self._awaiting.pop(key, None)
+            if awaited is not None:
+                keep = True  # what a warm-up waits for
+            else:
+                keep = (
+                    now - self._sent.get(key, -math.inf) < self.idle_timeout
+                    and (len(q) if q else 0) < self._per_class(seg.size)
+                    and key not in self._warming
+                    and seg.size <= self.limit
+                )
             if keep:  # a size this process sends: others make room, as in warm()
                 evicted = self._evict(self._idle_bytes + seg.size - self.limit, keep=key)
                 if self._idle_bytes + seg.size > self.limit:
                     self._return(evicted)
                     evicted, keep = [], False
+                    if awaited is not None:  # no room after all: wait on
+                        self._awaiting[key] = awaited
             if keep:
                 self._warming.add(key)  # pre-faulted before anyone takes it
                 self._idle_bytes += seg.size
+                if awaited is not None:
+                    stats.count("segments-awaited")
         for old in evicted:
             self._park(old)
         if not keep:
@@ -164,6 +213,33 @@ class Pool:
         else:
             self._ensure_thread()
             self._requests.put(partial(self._prefault, seg))
+
+    def received(self, seg: Segment) -> Callable[[Segment], None]:
+        """Count ``seg``, just received, as alive here; return the callback
+        to run when its last view dies (it gives the segment back)."""
+        key = (seg.directory.path, seg.size)
+        with self._lock:
+            self._live[key] = self._live.get(key, 0) + 1
+        return self._released
+
+    def _released(self, seg: Segment) -> None:
+        key = (seg.directory.path, seg.size)
+        with self._lock:
+            left = self._live.get(key, 0) - 1
+            if left > 0:
+                self._live[key] = left
+            else:
+                self._live.pop(key, None)
+            self._returned[key] = time.monotonic()
+        self.put(seg)
+
+    def _expects_return(self, key: tuple[str, int], now: float) -> bool:
+        """Whether a segment of class ``key`` is likely to come back here soon
+        (lock held)."""
+        return key[1] >= AWAIT_RETURN_MIN and (
+            key in self._live
+            or now - self._returned.get(key, -math.inf) < self.idle_timeout
+        )
 
     def _per_class(self, size: int) -> int:
         return max(2, self.limit // CLASS_SHARE // size)
@@ -242,52 +318,156 @@ class Pool:
                 )
                 self._thread.start()
 
+    def _later(self, delay: float, job: Callable[[], None]) -> None:
+        """Run ``job`` in the housekeeping thread ``delay`` seconds from now."""
+        with self._lock:
+            heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), job))
+        self._requests.put(_nothing)  # wake the thread to see the new timer
+
+    def _due(self, now: float) -> tuple[list[Callable[[], None]], float]:
+        """Timers due at ``now``, and how long until the next one."""
+        due = []
+        with self._lock:
+            while self._timers and self._timers[0][0] <= now:
+                due.append(heapq.heappop(self._timers)[2])
+            wait = self._timers[0][0] - now if self._timers else math.inf
+        return due, wait
+
     def _housekeeping(self) -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WARM_NICENESS)
-        except (OSError, AttributeError):
-            pass
-        last_sweep = time.monotonic()
+        _lower_priority()
+        last_trim = last_sweep = time.monotonic()
         while True:
+            due, wait = self._due(time.monotonic())
+            for job in due:
+                job()
             try:
-                job = self._requests.get(timeout=HOUSEKEEPING_INTERVAL)
+                job = self._requests.get(timeout=min(wait, HOUSEKEEPING_INTERVAL))
             except queue.Empty:
                 pass
             else:
                 job()
-                continue
             now = time.monotonic()
-            self.trim(now - self.idle_timeout)
+            if now - last_trim >= HOUSEKEEPING_INTERVAL:
+                last_trim = now
+                self.trim(now - self.idle_timeout)
             if now - last_sweep > SWEEP_INTERVAL:
                 last_sweep = now
                 for d in list(ShmDirectory._cache.values()):
                     _quiet_sweep(d)
 
     def _make_ready(
-        self, directory: ShmDirectory, size: int, evicted: Sequence[Segment] = ()
+        self,
+        directory: ShmDirectory,
+        size: int,
+        evicted: Sequence[Segment] = (),
+        deadline: float | None = None,
     ) -> None:
+        """Claim or create a segment of class ``size`` for the mapped tier;
+        or, if one may come back soon (:meth:`_expects_return`), look again
+        every ``WARM_POLL`` until a deadline before creating one.  ``deadline``
+        is given when looking again."""
         for old in evicted:
             self._park(old)
-        seg = None
+        key = (directory.path, size)
+        seg, later = None, False  # later: a timer or a thread finishes
+        generation = self._generation
         try:
+            if deadline is not None:
+                with self._lock:
+                    if self._awaiting.get(key) != deadline:
+                        return  # a segment came back (put() ended the wait)
             seg = self._claim(directory, size)
             if seg is not None:
                 stats.count("segments-claimed")
-            else:
-                seg = Segment.create(directory, size)
-                stats.count("segments-created")
+                return
+            now = time.monotonic()
+            with self._lock:
+                if deadline is None:
+                    if self._expects_return(key, now):
+                        deadline = now + self.warm_wait
+                        self._awaiting[key] = deadline
+                elif self._awaiting.get(key) != deadline:
+                    return  # came back meanwhile
+                later = deadline is not None and now < deadline
+                if deadline is not None and not later:
+                    del self._awaiting[key]  # waited long enough: create one
+            if later:
+                self._later(WARM_POLL, partial(self._make_ready, directory, size, (), deadline))
+                return
+            if size >= 2 * CREATE_STEP:  # paced, in a thread of its own (see _create)
+                later = True
+                threading.Thread(
+                    target=self._create, args=(directory, size, generation),
+                    name="dask-shm-create", daemon=True,
+                ).start()
+                return
+            seg = Segment.create(directory, size)
+            stats.count("segments-created")
         except ShmFull as e:
             stats.count("fallback-enospc-warm")
             warn_full_once(e)
         except (OSError, ShmError) as e:
             logger.debug("could not warm a %d-byte segment: %s", size, e)
         finally:
-            with self._lock:  # ready and no longer warming, atomically
-                if seg is not None:
-                    seg.last_used = time.monotonic()
-                    self._idle.setdefault((directory.path, seg.size), deque()).append(seg)
-                    self._idle_bytes += seg.size
-                self._warming.discard((directory.path, size))
+            if not later:
+                self._ready(key, seg, generation)
+
+    def _create(self, directory: ShmDirectory, size: int, generation: int) -> None:
+        """Create a large segment for the mapped tier, step by step, each step
+        waiting while this process moves a large message (:meth:`busy`), for
+        at most ``MAX_YIELD`` in all: a transfer then never competes with
+        ~0.85 ms of kernel time per MB of fresh pages for long."""
+        _lower_priority()
+        key = (directory.path, size)
+        until = time.monotonic() + MAX_YIELD
+
+        def pace() -> None:
+            while self.busy() and time.monotonic() < until:
+                time.sleep(WARM_POLL / 5)
+            if generation != self._generation:
+                raise _Abandoned  # trimmed meanwhile: Segment.create unlinks it
+
+        seg = None
+        try:
+            seg = Segment.create(directory, size, pace=pace)
+            stats.count("segments-created")
+        except _Abandoned:
+            pass
+        except ShmFull as e:
+            stats.count("fallback-enospc-warm")
+            warn_full_once(e)
+        except (OSError, ShmError) as e:
+            logger.debug("could not warm a %d-byte segment: %s", size, e)
+        finally:
+            self._ready(key, seg, generation)
+
+    def _ready(self, key: tuple[str, int], seg: Segment | None, generation: int) -> None:
+        """End a warm-up: ``seg`` (if any) joins the mapped tier, unless the
+        pool was trimmed in full since the warm-up began."""
+        with self._lock:  # ready and no longer warming, atomically
+            stale = generation != self._generation
+            if seg is not None and not stale:
+                seg.last_used = time.monotonic()
+                self._idle.setdefault(key, deque()).append(seg)
+                self._idle_bytes += seg.size
+            if key not in self._awaiting:
+                self._warming.discard(key)
+        if seg is not None and stale:
+            seg.destroy()
+
+    # -- activity --------------------------------------------------------------
+
+    def note_activity(self) -> None:
+        """A large message was just written or read in this process."""
+        self._last_activity = time.monotonic()
+
+    def busy(self) -> bool:
+        """Whether this process is moving a large message (or just did): one
+        was noted within ``QUIET``, or a busy probe says so (the comm backend
+        registers one that looks for bytes queued in its comms' sockets)."""
+        if time.monotonic() - self._last_activity < QUIET:
+            return True
+        return any(probe() for probe in busy_probes)
 
     def _prefault(self, seg: Segment) -> None:
         """Make a recycled segment write-ready, then offer it for sending.
@@ -346,6 +526,11 @@ class Pool:
         everything = older_than == math.inf
         victims, stale = [], []
         with self._lock:
+            if everything:  # and no warm-up under way adds one later
+                self._generation += 1
+                for key in self._awaiting:
+                    self._warming.discard(key)
+                self._awaiting.clear()
             for q in self._idle.values():
                 while q and q[0].last_used < older_than:
                     seg = q.popleft()
@@ -371,6 +556,26 @@ class Pool:
                 "warming": len(self._warming),
                 "limit": self.limit,
             }
+
+
+class _Abandoned(Exception):
+    """A warm-up outlived by a full trim."""
+
+
+def _nothing() -> None:
+    pass
+
+
+def _lower_priority() -> None:
+    """Run this thread at ``WARM_NICENESS``: warming must not slow transfers."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WARM_NICENESS)
+    except (OSError, AttributeError):
+        pass
+
+
+#: Callables saying whether this process is moving a large message now.
+busy_probes: list[Callable[[], bool]] = []
 
 
 _pool: Pool | None = None

@@ -156,7 +156,11 @@ def assemble(
             seg.destroy()
         raise
     stats.count("segments-received", len(taken))
-    views = {name: seg.export(pool.put, relay=relay) for name, seg in taken.items()}
+    # A relay's segment may be forwarded, and then never comes back here.
+    views = {
+        name: seg.export(pool.put if relay else pool.received(seg), relay=relay)
+        for name, seg in taken.items()
+    }
     del taken
     frames: list[Frame] = []
     rest = iter(inline)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
+import pytest
+
+from dask_shm import stats
 from dask_shm.pool import Pool, size_class
-from dask_shm.segments import Segment, ShmDirectory
+from dask_shm.segments import CREATE_STEP, Segment, ShmDirectory
 
 from .conftest import SHM_DIR, wait_for
 
@@ -99,4 +104,83 @@ def test_a_released_segment_stays_mapped_only_for_sizes_this_process_sends() -> 
         assert (info["idle-segments"], info["parked-segments"]) == (1, 1), info
         assert second.mapping is not None
     finally:
+        pool.trim()
+
+
+def test_a_warm_up_waits_for_a_received_segment_to_come_back() -> None:
+    """A large warm-up with nothing to claim, in a process that holds a
+    received segment of that size, creates nothing: the segment, once its
+    last view dies, fills it (creating 400 MB costs ~340 ms of kernel time
+    here, and slows any transfer it overlaps)."""
+    d = ShmDirectory.get(SHM_DIR)
+    pool = Pool(limit=1 << 30, idle_timeout=60)
+    pool.warm_wait = 60.0  # the release below must come first, however slow the machine
+    n = 40 << 20  # above AWAIT_RETURN_MIN
+    received = Segment.create(d, size_class(n))
+    view = received.export(pool.received(received))  # as transfer.assemble does
+    del received
+    created = stats.snapshot().get("segments-created", 0)
+    try:
+        assert pool.take(d, n) == (None, True)  # a sender that found none...
+        pool.warm(d, n)  # ...asks for one
+        time.sleep(0.3)
+        assert pool.info()["warming"] == 1  # waiting, not creating
+        del view  # the data is freed: the segment comes back
+        assert wait_for(lambda: pool.info()["warming"] == 0)
+        seg, _ = pool.take(d, n)
+        assert seg is not None and seg.size == size_class(n)
+        assert stats.snapshot().get("segments-created", 0) == created
+        seg.destroy()
+    finally:
+        pool.trim()
+
+
+def test_a_paced_creation_steps_and_can_be_abandoned() -> None:
+    """Creating a large segment step by step calls ``pace`` before each step
+    and reserves every byte; if ``pace`` raises, nothing is left behind."""
+    d = ShmDirectory.get(SHM_DIR)
+    calls = []
+    seg = Segment.create(d, 3 * CREATE_STEP, pace=lambda: calls.append(1))
+    try:
+        assert len(calls) == 3
+        st = os.stat(os.path.join(SHM_DIR, seg.name))
+        assert st.st_blocks * 512 >= seg.size
+    finally:
+        seg.destroy()
+
+    def stop() -> None:
+        if calls:
+            raise RuntimeError("stop")
+        calls.append(1)
+
+    calls = []
+    with pytest.raises(RuntimeError):
+        Segment.create(d, 3 * CREATE_STEP, pace=stop)
+    # the autouse fixture checks that no segment is left in the directory
+
+
+def test_a_full_trim_abandons_warm_ups_under_way() -> None:
+    """A warm-up still creating when the pool is trimmed in full (at exit, or
+    by the benchmark between cold samples) must not add its segment after."""
+    d = ShmDirectory.get(SHM_DIR)
+    pool = Pool(limit=1 << 30, idle_timeout=60)
+    quiet = threading.Event()
+
+    def transfers() -> None:  # this process keeps moving large messages
+        while not quiet.is_set():
+            pool.note_activity()
+            time.sleep(0.01)
+
+    threading.Thread(target=transfers, daemon=True).start()
+    try:
+        pool.warm(d, 3 * CREATE_STEP)  # creates, paced: held before its first step
+        time.sleep(0.2)
+        assert pool.info()["warming"] == 1
+        pool.trim()
+        quiet.set()
+        assert wait_for(lambda: pool.info()["warming"] == 0)
+        time.sleep(0.1)
+        assert pool.info()["idle-segments"] == 0
+    finally:
+        quiet.set()
         pool.trim()
