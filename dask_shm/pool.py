@@ -498,15 +498,17 @@ class Pool:
     def _claim(self, directory: ShmDirectory, size: int) -> Segment | None:
         """Claim a parked segment of class ``size`` (ours first, then anyone's)."""
         with self._lock:
-            mine = [p for p in self._parked if p[1] is directory and p[3] == size]
-        candidates = [p[2] for p in mine] + [
-            name for name, n in list_parked(directory) if n == size
-        ]
-        for name in candidates:
+            mine = [p[2] for p in self._parked if p[1] is directory and p[3] == size]
+        for name in mine:
             seg = Segment.claim(directory, name)
+            self._forget_parked(name)  # ours again, or another process's now
             if seg is not None:
-                self._forget_parked(name)
                 return seg
+        for name, n in list_parked(directory):
+            if n == size:
+                seg = Segment.claim(directory, name)
+                if seg is not None:
+                    return seg
         return None
 
     def _forget_parked(self, name: str) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from dask_shm import stats
 from dask_shm.pool import Pool, size_class
-from dask_shm.segments import CREATE_STEP, Segment, ShmDirectory
+from dask_shm.segments import CREATE_STEP, Segment, ShmDirectory, list_parked
 
 from .conftest import SHM_DIR, wait_for
 
@@ -183,4 +183,22 @@ def test_a_full_trim_abandons_warm_ups_under_way() -> None:
         assert pool.info()["idle-segments"] == 0
     finally:
         quiet.set()
+        pool.trim()
+
+
+def test_a_parked_segment_claimed_elsewhere_is_forgotten() -> None:
+    """Once another process has claimed a segment this pool parked, the pool
+    stops counting it (its parked bytes bound what it may unlink later)."""
+    d = ShmDirectory.get(SHM_DIR)
+    pool = Pool(limit=64 << 20, idle_timeout=60)
+    n = 1 << 20
+    try:
+        pool.put(Segment.create(d, size_class(n)))  # parked: this pool does not send it
+        assert pool.info()["parked-segments"] == 1
+        [(name, _)] = list_parked(d)
+        os.unlink(os.path.join(SHM_DIR, name))  # gone, as after another process claimed it
+        assert pool.claim(d, n) is None
+        info = pool.info()
+        assert (info["parked-segments"], info["parked-bytes"]) == (0, 0), info
+    finally:
         pool.trim()
