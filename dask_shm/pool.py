@@ -181,6 +181,7 @@ class Pool:
         now = time.monotonic()
         evicted: list[Segment] = []
         with self._lock:
+            generation = self._generation
             q = self._idle.get(key)
             awaited = self._awaiting.pop(key, None)
             if awaited is not None:
@@ -197,8 +198,8 @@ class Pool:
                 if self._idle_bytes + seg.size > self.limit:
                     self._return(evicted)
                     evicted, keep = [], False
-                    if awaited is not None:  # no room after all: wait on
-                        self._awaiting[key] = awaited
+            if awaited is not None and not keep:
+                self._warming.discard(key)  # no room for what it waits for: it ends
             if keep:
                 self._warming.add(key)  # pre-faulted before anyone takes it
                 self._idle_bytes += seg.size
@@ -209,10 +210,10 @@ class Pool:
         if not keep:
             self._park(seg)
         elif seg.size <= INLINE_PREFAULT:
-            self._prefault(seg)
+            self._prefault(seg, generation)
         else:
             self._ensure_thread()
-            self._requests.put(partial(self._prefault, seg))
+            self._requests.put(partial(self._prefault, seg, generation))
 
     def received(self, seg: Segment) -> Callable[[Segment], None]:
         """Count ``seg``, just received, as alive here; return the callback
@@ -410,7 +411,7 @@ class Pool:
             logger.debug("could not warm a %d-byte segment: %s", size, e)
         finally:
             if not later:
-                self._ready(key, seg, generation)
+                self._ready(key, seg, generation, deadline)
 
     def _create(self, directory: ShmDirectory, size: int, generation: int) -> None:
         """Create a large segment for the mapped tier, step by step, each step
@@ -441,10 +442,19 @@ class Pool:
         finally:
             self._ready(key, seg, generation)
 
-    def _ready(self, key: tuple[str, int], seg: Segment | None, generation: int) -> None:
-        """End a warm-up: ``seg`` (if any) joins the mapped tier, unless the
-        pool was trimmed in full since the warm-up began."""
+    def _ready(
+        self,
+        key: tuple[str, int],
+        seg: Segment | None,
+        generation: int,
+        deadline: float | None = None,
+    ) -> None:
+        """End a warm-up (one that waited until ``deadline``, if given): ``seg``
+        (if any) joins the mapped tier, unless the pool was trimmed in full
+        since the warm-up began."""
         with self._lock:  # ready and no longer warming, atomically
+            if deadline is not None and self._awaiting.get(key) == deadline:
+                del self._awaiting[key]  # it claimed one while waiting
             stale = generation != self._generation
             if seg is not None and not stale:
                 seg.last_used = time.monotonic()
@@ -469,8 +479,9 @@ class Pool:
             return True
         return any(probe() for probe in busy_probes)
 
-    def _prefault(self, seg: Segment) -> None:
-        """Make a recycled segment write-ready, then offer it for sending.
+    def _prefault(self, seg: Segment, generation: int) -> None:
+        """Make a recycled segment write-ready, then offer it for sending
+        (unless the pool was trimmed in full meanwhile).
 
         A receiver maps lazily; writing into pages not yet in our page table
         costs a write fault each (~2.6 us per 4 KiB page here), a batched
@@ -482,8 +493,14 @@ class Pool:
             pass
         seg.last_used = time.monotonic()
         with self._lock:
-            self._idle.setdefault((seg.directory.path, seg.size), deque()).append(seg)
+            stale = generation != self._generation
+            if stale:
+                self._idle_bytes -= seg.size
+            else:
+                self._idle.setdefault((seg.directory.path, seg.size), deque()).append(seg)
             self._warming.discard((seg.directory.path, seg.size))
+        if stale:
+            seg.destroy()
 
     def claim(self, directory: ShmDirectory, n: int) -> Segment | None:
         """A parked segment fitting ``n`` bytes, claimed and mapped now (or

@@ -202,3 +202,29 @@ def test_a_parked_segment_claimed_elsewhere_is_forgotten() -> None:
         assert (info["parked-segments"], info["parked-bytes"]) == (0, 0), info
     finally:
         pool.trim()
+
+
+def test_a_waiting_warm_up_claims_what_another_process_parks_and_ends() -> None:
+    """While it waits, a warm-up claims a segment some receiver parked, and
+    then ends (a regression: it kept waiting, and every later warm-up of
+    that size was swallowed, so each send claimed on its critical path)."""
+    d = ShmDirectory.get(SHM_DIR)
+    pool = Pool(limit=1 << 30, idle_timeout=60)
+    pool.warm_wait = 60.0
+    n = 40 << 20
+    held = Segment.create(d, size_class(n))
+    view = held.export(pool.received(held))  # a segment of that size is out
+    try:
+        assert pool.take(d, n) == (None, True)
+        for _ in range(2):
+            pool.warm(d, n)
+            time.sleep(0.2)
+            assert pool.info()["warming"] == 1  # waiting for it to come back
+            Segment.create(d, size_class(n)).park()  # as a receiver elsewhere parks one
+            assert wait_for(lambda: pool.info()["warming"] == 0)
+            seg, _ = pool.take(d, n)
+            assert seg is not None
+            seg.destroy()
+    finally:
+        del view
+        pool.trim()
