@@ -3,11 +3,12 @@
 Every case is measured for each transport in the same run, beside two
 bounds: one memcpy of the same bytes (the physical limit) and ``inproc://``
 (threads in one process: no IPC at all).  Ratios are computed from those
-medians (for cases whose repetitions interleave, comm one-way and cold, the
-median of the per-repetition ratios); the first repetition of each case is
-reported apart as "cold" and compared cold against cold.  Sections: comm
-one-way, LocalCluster paths (worker-to-worker, scatter/gather direct and
-through the scheduler), an end-to-end dask.array workload, the first
+medians (for cases whose repetitions interleave, comm one-way, the
+dask.array workload and cold, the median of the per-repetition ratios); the
+first repetition of each case is reported apart as "cold" and compared cold
+against cold.  Sections: comm one-way, LocalCluster paths (worker-to-worker,
+scatter/gather direct and through the scheduler) with an end-to-end
+dask.array workload (one cluster per transport, all at once), the first
 transfers of fresh clusters (cold: nothing pooled anywhere), the original
 proposal's workload (400 MB ``np.arange`` from a child over
 ``multiprocessing.Pipe`` + pickle), RSS after a transfer, and joblib's
@@ -101,11 +102,6 @@ def run(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
                         results.append(summarize("cluster", f"gather {label}", scheme, n, g))
                 cluster_work.append((f"cluster paths {fmt_size(n)}", w2w))
 
-            def array(client: Any, scheme: str = scheme) -> None:
-                t = cases.dask_array_workload(client, args.array_n, reps, args.pause)
-                nbytes = args.array_n**2 * 8
-                results.append(summarize("end-to-end", "dask.array rechunk", scheme, nbytes, t))
-            cluster_work.append(("dask.array workload", array))
         if "proposal" in sections and scheme != "inproc":
             def proposal(client: Any, scheme: str = scheme) -> None:
                 n = args.proposal_size // 8
@@ -129,6 +125,15 @@ def run(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
                 if scheme == "shm":
                     notes["worker stats shm"] = client.run(stats.snapshot)
         steps.append((f"start {scheme} cluster", cluster_step))
+
+    if "cluster" in sections:
+        def array() -> None:
+            times = cases.dask_array_workload(schemes, args.array_n, reps, args.pause, args.workers)
+            nbytes = args.array_n**2 * 8
+            for scheme, t in times.items():
+                results.append(summarize("end-to-end", "dask.array rechunk", scheme, nbytes, t,
+                                         paired=scheme != "inproc"))
+        steps.append(("dask.array workload (all transports at once)", array))
 
     if "cold" in sections:
         def cold() -> None:
@@ -249,5 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     png = os.path.join(args.output, "throughput.png")
     drawn = plot(png, results, "comm one-way", ["memcpy", "inproc", "tcp", "shm"])
     print(f"\nwall time {notes['wall seconds']} s; results in {args.output}/results.json"
-          + (f" and {png}" if drawn else " (install matplotlib for the plot)"))
+          + (f" and {png}" if drawn else
+             " (no plot: it needs matplotlib and the comm section)"))
     return 0

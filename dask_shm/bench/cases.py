@@ -163,25 +163,40 @@ def scatter_gather(
     return scat, gath
 
 
-def dask_array_workload(client: Any, n: int, reps: int, pause: float) -> list[float]:
+def dask_array_workload(
+    schemes: list[str], n: int, reps: int, pause: float, workers: int
+) -> dict[str, list[float]]:
     """Wall time of a transfer-heavy dask.array computation: a task-based
     rechunk of an ``n`` x ``n`` float64 array from row stripes to column
     stripes (every output stripe needs a piece of every input stripe), then a
     column sum.  The input is persisted first, so only the rechunk's
-    transfers and copies are timed."""
+    transfers and copies are timed.
+
+    One LocalCluster per scheme, all running at once; the schemes'
+    repetitions interleave (in alternating order), so that drift in the
+    machine's state hits each alike (the times are paired, as in
+    :func:`comm_one_way`).
+    """
     import dask.array as da
     from distributed import wait
 
     stripes = 8
-    x = da.random.random((n, n), chunks=(n // stripes, n)).persist()
-    wait(x)
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        x.rechunk((n, n // stripes), method="tasks").sum(axis=0).compute()
-        out.append(time.perf_counter() - t0)
-        time.sleep(pause)
-    del x
+    with contextlib.ExitStack() as stack:
+        clients = {s: stack.enter_context(local_cluster(s, workers)) for s in schemes}
+        arrays = {}
+        for s, client in clients.items():
+            with client.as_current():
+                arrays[s] = da.random.random((n, n), chunks=(n // stripes, n)).persist()
+                wait(arrays[s])
+        out: dict[str, list[float]] = {s: [] for s in schemes}
+        for rep in range(reps):
+            for s in schemes if rep % 2 == 0 else schemes[::-1]:
+                with clients[s].as_current():
+                    t0 = time.perf_counter()
+                    arrays[s].rechunk((n, n // stripes), method="tasks").sum(axis=0).compute()
+                    out[s].append(time.perf_counter() - t0)
+                time.sleep(pause)
+        del arrays
     return out
 
 

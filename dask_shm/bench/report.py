@@ -115,6 +115,8 @@ def write_json(path: str, args: dict[str, Any], results: list[Result], notes: di
 def plot(path: str, results: list[Result], section: str, transports: list[str]) -> bool:
     """Throughput against payload size, one line per transport, with the
     memcpy limit drawn.  Returns False if matplotlib is missing."""
+    if not any(r.section == section and r.transport in transports for r in results):
+        return False  # that section was not run
     try:
         import matplotlib
 
