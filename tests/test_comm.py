@@ -471,3 +471,41 @@ def test_size_estimate_sends_what_may_be_large_through_shared_memory() -> None:
     assert _reaches(ToPickle(big), 4 << 20)
     assert not _reaches({"x": to_serialize(small), "op": "get_data", "n": 3}, 4 << 20)
     assert not _reaches(b"ok", 4 << 20)
+
+
+def test_a_cold_transfer_in_flight_counts_as_busy() -> None:
+    """While a large message crosses a linked comm over TCP (a cold transfer),
+    its socket holds the bytes and this process counts as busy: a warm-up
+    creating fresh pages pauses for it (see Pool.busy)."""
+    from dask_shm.comm import _moving_bytes
+
+    async def main() -> None:
+        go = asyncio.Event()
+        got: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def handler(comm: Comm) -> None:
+            try:
+                await go.wait()  # the peer does not read yet
+                await got.put(await comm.read())
+            finally:
+                await comm.close()
+
+        async with listen("shm://127.0.0.1:0", handler) as listener:
+            comm = await connect(listener.contact_address)
+            try:
+                assert comm.link is not None  # type: ignore[attr-defined]
+                assert not _moving_bytes()
+                x = np.ones(32 << 20, dtype="u1")  # no pooled segment fits: TCP
+                write = asyncio.ensure_future(comm.write({"x": to_serialize(x)}))
+                await asyncio.sleep(0.3)
+                assert _moving_bytes()
+                go.set()
+                await write
+                msg = await asyncio.wait_for(got.get(), 10)
+                assert msg["x"].nbytes == x.nbytes
+                assert stats.snapshot().get("fallback-cold") == 1
+                del msg
+            finally:
+                await comm.close()
+
+    run(main())
