@@ -79,6 +79,8 @@ class Link:
         #: forwarded elsewhere, so serialization families must not describe
         #: segments to it (the comm itself re-places frames at every hop).
         self.relay = relay
+        #: This end is a relay (it does not deserialize what it reads).
+        self.forwarding = False
         self.threshold = conf.threshold
         self.cold_transfer = conf.cold_transfer
         #: Serializers for writes that name none (``dask-shm.serializers``).
@@ -106,6 +108,7 @@ class Link:
             pool=self.pool,
             threshold=self.threshold,
             cold_transfer=self.cold_transfer,
+            relay=self.forwarding,
         )
         self.inflight.add(placed.names)
         self._warm.extend(placed.warm)
@@ -310,6 +313,7 @@ class SHM(TCP):
             logger.debug("%s: peer does not share %s; using TCP", self, directory.path)
             return
         self._link = link = Link(directory, peer, bool(theirs.get("relay")), conf)
+        link.forwarding = not self.deserialize
         stats.count("handshake-shm")
         _linked.add(self)
         weakref.finalize(self, link.inflight.discard)

@@ -57,6 +57,7 @@ def place(
     pool: Pool,
     threshold: int,
     cold_transfer: str,
+    relay: bool = False,
 ) -> Placed:
     """Copy every frame of at least ``threshold`` bytes into its own segment.
 
@@ -68,7 +69,8 @@ def place(
     ``cold_transfer="tcp"``, or a full directory) stay inline; so does
     everything smaller.  Blocking: call it off the event loop for large
     messages.  It does not warm the pool itself: warming competes for the CPU
-    with sending.
+    with sending.  ``relay``: this process hands on what it received (a
+    scheduler); see :meth:`Pool.take`.
     """
     placements: list[Placement] = []
     inline: list[Frame] = []
@@ -89,7 +91,7 @@ def place(
             nbytes += n
             stats.count("segments-forwarded")
             continue
-        seg, replace = pool.take(directory, n)
+        seg, replace = pool.take(directory, n, relay=relay)
         if replace:  # that was the last of its size here, or there was none
             warm.append(n)
         if seg is None:

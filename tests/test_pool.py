@@ -228,3 +228,40 @@ def test_a_waiting_warm_up_claims_what_another_process_parks_and_ends() -> None:
     finally:
         del view
         pool.trim()
+
+
+def test_a_creation_yields_to_a_busy_host_until_a_send_misses_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fresh pages slow every process on a small machine, so a warm-up that
+    must create them waits while other processes keep the host busy (here a
+    real process spinning)... until a send of that size misses it: then it
+    yields to this process's own transfers only.  A relay's miss does not
+    count (a scheduler handing on a cold scatter misses with its sender)."""
+    import subprocess
+    import sys
+
+    from dask_shm import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "HOST_SHARE", 0.01)  # one spinning CPU is "busy"
+    d = ShmDirectory.get(SHM_DIR)
+    pool = Pool(limit=1 << 30, idle_timeout=60)
+    n = 3 * CREATE_STEP
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        pool.warm(d, n)
+        time.sleep(1.0)
+        assert pool.info()["warming"] == 1  # still waiting for the host
+        assert pool.take(d, n, relay=True) == (None, True)  # a relay's miss...
+        time.sleep(0.5)
+        assert pool.info()["warming"] == 1  # ...is its sender's, already counted
+        assert pool.take(d, n) == (None, True)  # a send misses it
+        assert wait_for(lambda: pool.info()["warming"] == 0, timeout=3.0)
+        seg, _ = pool.take(d, n)
+        assert seg is not None
+        seg.destroy()
+    finally:
+        spinner.kill()
+        spinner.wait()
+        pool.trim()
