@@ -541,6 +541,11 @@ class Segment:
                 _reserve(fd, 0, size, name, directory)
                 mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _MAP_POPULATE)
             else:
+                # Reserved step by step, so fail at once if it cannot all fit:
+                # a directory left full for the whole creation would refuse
+                # everyone else's probes and segments meanwhile.
+                if directory.free_space()[0] < size:
+                    raise _full(errno.ENOSPC, name, size, directory)
                 os.ftruncate(fd, size)  # sparse: nothing touches it until reserved
                 mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
                 for offset in range(0, size, CREATE_STEP):
@@ -772,6 +777,18 @@ def _check_file(st: os.stat_result, needed: int) -> str | None:
     return None
 
 
+def _full(code: int, name: str, size: int, directory: ShmDirectory) -> ShmFull:
+    return ShmFull(
+        code,
+        f"cannot reserve {_fmt(size)} for segment {name}: "
+        f"{directory.describe_space()}. Give the shared-memory "
+        "directory more room (e.g. `docker run --shm-size=4g`, or "
+        "`mount -o remount,size=... /dev/shm`), or point "
+        "dask-shm.directory at a larger tmpfs; meanwhile large "
+        "frames travel over TCP.",
+    )
+
+
 def _reserve(
     fd: int, offset: int, n: int, name: str, directory: ShmDirectory, size: int | None = None
 ) -> None:
@@ -780,15 +797,7 @@ def _reserve(
         os.posix_fallocate(fd, offset, n)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ShmFull(
-                e.errno,
-                f"cannot reserve {_fmt(size or n)} for segment {name}: "
-                f"{directory.describe_space()}. Give the shared-memory "
-                "directory more room (e.g. `docker run --shm-size=4g`, or "
-                "`mount -o remount,size=... /dev/shm`), or point "
-                "dask-shm.directory at a larger tmpfs; meanwhile large "
-                "frames travel over TCP.",
-            ) from e
+            raise _full(e.errno, name, size or n, directory) from e
         raise
 
 

@@ -172,6 +172,24 @@ def test_full_directory_falls_back_to_tcp_and_warns_once(
     assert not [n for n in os.listdir(small_tmpfs) if n.startswith("dask-shm-")]
 
 
+@root_only
+def test_a_paced_creation_that_cannot_fit_fails_before_reserving_anything(
+    small_tmpfs: Path,
+) -> None:
+    """A warm-up reserves a large segment step by step; one that cannot fit
+    must fail at once, not fill the directory for the length of its steps
+    (everyone else's probes and segments would meet ENOSPC meanwhile: a
+    handshake failed so in CI once)."""
+    from dask_shm.segments import CREATE_STEP, ShmFull
+
+    d = ShmDirectory(str(small_tmpfs))
+    steps: list[int] = []
+    with pytest.raises(ShmFull, match="free of 64.0 MiB"):
+        Segment.create(d, 3 * CREATE_STEP, pace=lambda: steps.append(1))
+    assert steps == []
+    assert not os.listdir(small_tmpfs)
+
+
 def _worker_state() -> dict[str, int]:
     from dask_shm import stats as worker_stats
 
