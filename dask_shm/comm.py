@@ -37,11 +37,13 @@ from dask_shm.segments import (
     Owner,
     SegmentMissing,
     ShmDirectory,
+    ShmFull,
     _quiet_sweep,
     create_probe,
     current_owner,
     read_probe,
     unmap_later,
+    warn_full_once,
 )
 from dask_shm.transfer import InFlight, Placed, assemble, place
 
@@ -257,7 +259,8 @@ class SHM(TCP):
         #: Messages written as plain TCP, counted as fallback-<why> once the
         #: handshake said why: "disabled" (by configuration, or the directory
         #: is unusable), "plain-peer" (the peer is tcp:// or an older
-        #: dask-shm), "no-probe" (another host, user or directory).
+        #: dask-shm), "no-probe" (another host, user or directory),
+        #: "probe-failed" (ours could not be created: a full directory).
         self._plain: stats.Tally | None = None
 
     # -- handshake -----------------------------------------------------------
@@ -265,10 +268,21 @@ class SHM(TCP):
     def handshake_info(self) -> dict[str, Any]:
         info = super().handshake_info()
         conf, directory = _local_directory()
+        if directory is not None:
+            try:
+                name, token = create_probe(directory)
+            except ShmFull as e:  # no room even for a probe: this comm is TCP
+                warn_full_once(e)
+                directory = None
+                self._plain = stats.Tally("fallback-probe-failed")
+            except OSError as e:
+                logger.warning("dask-shm: cannot create a handshake probe (%s); using TCP", e)
+                directory = None
+                self._plain = stats.Tally("fallback-probe-failed")
         if directory is None:
-            self._plain = stats.Tally("fallback-disabled")
+            if self._plain is None:
+                self._plain = stats.Tally("fallback-disabled")
         else:
-            name, token = create_probe(directory)
             self._probe = (directory, name, token, conf)
             # distributed does not close a comm whose handshake failed (the
             # peer died, the connect timed out): the probe must not outlive

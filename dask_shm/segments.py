@@ -828,8 +828,10 @@ def create_probe(directory: ShmDirectory) -> tuple[str, str]:
     _own(directory, name)
     try:
         os.write(fd, token.encode())
-    except BaseException:
+    except BaseException as e:
         directory.unlink(name)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _full(e.errno, name, len(token), directory) from e
         raise
     finally:
         os.close(fd)

@@ -18,7 +18,8 @@ them on Dask's Prometheus endpoints.  Names:
     Messages written on ``shm://`` comms that are plain TCP, by why:
     ``no-probe`` (the peer failed the handshake probe: another host, user or
     directory), ``plain-peer`` (the peer is ``tcp://``), ``disabled``
-    (``dask-shm.enabled`` is false or the directory is unusable).
+    (``dask-shm.enabled`` is false or the directory is unusable),
+    ``probe-failed`` (this side could not create its probe: a full directory).
 ``below-threshold``
     Messages on shared-memory comms estimated smaller than
     ``dask-shm.threshold`` (sent as plain TCP without looking further).

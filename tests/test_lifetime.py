@@ -190,6 +190,34 @@ def test_a_paced_creation_that_cannot_fit_fails_before_reserving_anything(
     assert not os.listdir(small_tmpfs)
 
 
+@root_only
+def test_a_directory_too_full_for_a_probe_means_plain_tcp(small_tmpfs: Path) -> None:
+    """If not even a handshake probe fits (another program filled the
+    directory), the comm is plain TCP and works; connecting does not fail."""
+    filler = small_tmpfs / "someone-elses-file"
+    with open(filler, "wb") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, 64 << 20)
+        except OSError:
+            pass  # what fitted is reserved: the directory is full either way
+
+    async def main() -> None:
+        async with listen("shm://127.0.0.1:0", echo_server) as listener:
+            comm = await connect(listener.contact_address)
+            assert comm.link is None  # type: ignore[attr-defined]
+            await comm.write({"x": to_serialize(np.arange(10**6))})
+            np.testing.assert_array_equal((await comm.read())["x"], np.arange(10**6))
+            await comm.close()
+
+    try:
+        with dask.config.set({"dask-shm.directory": str(small_tmpfs)}):
+            asyncio.run(main())
+        assert stats.snapshot().get("fallback-probe-failed", 0) >= 1
+        assert not [n for n in os.listdir(small_tmpfs) if n.startswith("dask-shm-")]
+    finally:
+        filler.unlink()
+
+
 def _worker_state() -> dict[str, int]:
     from dask_shm import stats as worker_stats
 
