@@ -427,12 +427,8 @@ class Pool:
                     name="dask-shm-create", daemon=True,
                 ).start()
                 return
-            seg = Segment.create(directory, size)
-            stats.count("segments-created")
-        except ShmFull as e:
-            stats.count("fallback-enospc-warm")
-            warn_full_once(e)
-        except (OSError, ShmError) as e:
+            seg = self._fresh(directory, size)
+        except (OSError, ShmError) as e:  # listing or claiming parked segments
             logger.debug("could not warm a %d-byte segment: %s", size, e)
         finally:
             if not later:
@@ -440,7 +436,8 @@ class Pool:
 
     def _create(self, directory: ShmDirectory, size: int, generation: int) -> None:
         """Create a large segment for the mapped tier, step by step, each step
-        waiting while this process moves a large message (:meth:`busy`), for
+        waiting while this process moves a large message (:meth:`busy`) and,
+        until a send misses it, while other processes keep the host busy; for
         at most ``MAX_YIELD`` in all: a transfer then never competes with
         ~0.85 ms of kernel time per MB of fresh pages for long."""
         _lower_priority()
@@ -464,17 +461,28 @@ class Pool:
 
         seg = None
         try:
+            seg = self._fresh(directory, size, pace)
+        finally:
+            self._ready(key, seg, generation)
+
+    @staticmethod
+    def _fresh(
+        directory: ShmDirectory, size: int, pace: Callable[[], None] | None = None
+    ) -> Segment | None:
+        """A new segment for a warm-up (counted), or None if it cannot be made."""
+        try:
             seg = Segment.create(directory, size, pace=pace)
-            stats.count("segments-created")
         except _Abandoned:
-            pass
+            return None
         except ShmFull as e:
             stats.count("fallback-enospc-warm")
             warn_full_once(e)
+            return None
         except (OSError, ShmError) as e:
             logger.debug("could not warm a %d-byte segment: %s", size, e)
-        finally:
-            self._ready(key, seg, generation)
+            return None
+        stats.count("segments-created")
+        return seg
 
     def _ready(
         self,
