@@ -33,6 +33,10 @@ them on Dask's Prometheus endpoints.  Names:
 ``segments-created`` / ``segments-received``
     Segments this process created (all in the background unless
     ``cold-transfer: shm``) and took over from peers.
+``segments-parked`` / ``segments-claimed`` / ``segments-awaited`` / ``segments-forwarded``
+    Segments this process parked for any process to claim, claimed (parked
+    by itself or another), got back for a warm-up that waited for one, and
+    handed on as a relay without copying.
 """
 
 from __future__ import annotations
