@@ -73,7 +73,12 @@ class Link:
     """
 
     def __init__(
-        self, directory: ShmDirectory, peer: Owner, relay: bool, conf: Settings
+        self,
+        directory: ShmDirectory,
+        peer: Owner,
+        relay: bool,
+        conf: Settings,
+        forwarding: bool = False,
     ) -> None:
         self.directory = directory
         self.peer = peer
@@ -82,7 +87,7 @@ class Link:
         #: segments to it (the comm itself re-places frames at every hop).
         self.relay = relay
         #: This end is a relay (it does not deserialize what it reads).
-        self.forwarding = False
+        self.forwarding = forwarding
         self.threshold = conf.threshold
         self.cold_transfer = conf.cold_transfer
         #: Serializers for writes that name none (``dask-shm.serializers``).
@@ -271,12 +276,11 @@ class SHM(TCP):
         if directory is not None:
             try:
                 name, token = create_probe(directory)
-            except ShmFull as e:  # no room even for a probe: this comm is TCP
-                warn_full_once(e)
-                directory = None
-                self._plain = stats.Tally("fallback-probe-failed")
-            except OSError as e:
-                logger.warning("dask-shm: cannot create a handshake probe (%s); using TCP", e)
+            except OSError as e:  # no room even for a probe, say: this comm is TCP
+                if isinstance(e, ShmFull):
+                    warn_full_once(e)
+                else:
+                    logger.warning("dask-shm: cannot create a handshake probe (%s); using TCP", e)
                 directory = None
                 self._plain = stats.Tally("fallback-probe-failed")
         if directory is None:
@@ -326,8 +330,9 @@ class SHM(TCP):
             self._plain = stats.Tally("fallback-no-probe")
             logger.debug("%s: peer does not share %s; using TCP", self, directory.path)
             return
-        self._link = link = Link(directory, peer, bool(theirs.get("relay")), conf)
-        link.forwarding = not self.deserialize
+        self._link = link = Link(
+            directory, peer, bool(theirs.get("relay")), conf, forwarding=not self.deserialize
+        )
         stats.count("handshake-shm")
         _linked.add(self)
         weakref.finalize(self, link.inflight.discard)
