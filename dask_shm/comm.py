@@ -97,6 +97,14 @@ class Link:
         self.below_threshold = stats.Tally("below-threshold")
         self._warm: list[int] = []
         self._unmap: list[mmap.mmap] = []
+        self._open = True
+        self.pool.link_opened()
+
+    def close(self) -> None:
+        """The comm has ended (idempotent; see :meth:`Pool.link_closed`)."""
+        if self._open:
+            self._open = False
+            self.pool.link_closed()
 
     def pop_warm(self) -> list[int]:
         sizes, self._warm = self._warm, []
@@ -336,6 +344,7 @@ class SHM(TCP):
         stats.count("handshake-shm")
         _linked.add(self)
         weakref.finalize(self, link.inflight.discard)
+        weakref.finalize(self, link.close)
 
     # A staticmethod in Comm; distributed calls it on the instance, and the
     # outcome of this comm's negotiation is instance state.
@@ -520,6 +529,7 @@ class SHM(TCP):
         link = self._link
         if link is not None:
             link.unmap_pending()
+            link.close()
         if link is not None and len(link.inflight):
             if grace > 0:
                 timer = threading.Timer(grace, link.inflight.discard)

@@ -16,8 +16,8 @@ Two tiers:
   process parks at most ``dask-shm.pool-size`` bytes.
 
 In the mapped tier a size class holds up to 1/16 of the limit (at least two
-segments), so many small segments but two 400 MB ones; the total stays
-within the limit.
+segments below ``AWAIT_RETURN_MIN``, one above), so many small segments but
+one 400 MB one; the total stays within the limit.
 
 Flow: a received segment goes back to the receiver's mapped tier when its last
 view dies if this process has itself sent frames of that size within
@@ -31,7 +31,9 @@ transfer, which goes over TCP), asks the housekeeping thread to *warm* one:
 claim a parked segment of that size, else create one.  So in a one-way flow
 (worker A to worker B, client to workers) the sender refills from what the
 receiver released.  Warming runs at low CPU priority, after the message that
-triggered it was written.
+triggered it was written.  A relay (a scheduler) never warms: it hands on
+the segments it receives, and takes one only for a frame whose sender's pool
+was cold, which the next message from that sender will not be.
 
 Creating is the last resort: fresh pages cost ~0.85 ms of kernel time per MB
 here, and a warm-up that creates 400 MB while a transfer runs slows that
@@ -39,10 +41,13 @@ transfer several times over (2 cores).  So a warm-up of a large size
 (``AWAIT_RETURN_MIN``) that finds nothing to claim, in a process that holds
 received segments of that size or got one back recently, first waits up to
 ``WARM_WAIT`` for one to come back: a segment this process releases fills it
-at once, one another process parks is claimed.  In a round trip (scatter
+at once, one another process parks is claimed (only while this process
+moves no large message: a claim fills a page table, ~45 ms per 400 MB here,
+and slowed the transfer it overlapped).  In a round trip (scatter
 then gather, a task's input then its result) segments then circulate and
 none are created after the first; nor in a one-way flow once this process
-has handed one over (its receiver parks it when done).  When one must be
+has handed one over (its receiver parks it when done).  Once this process
+has no shared-memory comm left, it expects nothing back.  When one must be
 created after all, a thread of its own does it in steps of ``CREATE_STEP``,
 each waiting while this process moves a large message (``Pool.busy``: one
 written or read within ``QUIET``, or a comm socket with bytes queued) and,
@@ -91,9 +96,10 @@ logger = logging.getLogger(__name__)
 #: Smallest segment we create: below this a pool slot is not worth its fd.
 MIN_SEGMENT = 64 * 1024
 #: Mapped idle bytes kept per size class, as a share of the pool limit: many
-#: small segments (cheap, and a ping-pong of messages needs several), and at
-#: least two big ones: a process that relays (a LocalCluster's scheduler
-#: shares its process, and pool, with the client) needs one per hop.
+#: small segments (cheap, and a ping-pong of messages needs several, so at
+#: least two), but only one of a size whose warm-ups wait for returns
+#: (AWAIT_RETURN_MIN): a second one would sit idle in RSS while returns
+#: refill the first; received ones beyond it are parked for other senders.
 CLASS_SHARE = 16
 #: Recycled segments up to this size are pre-faulted at once, in the
 #: releasing thread (~0.1 ms per MiB); larger ones by the housekeeping thread.
@@ -152,6 +158,8 @@ class Pool:
         #: When this process last handed a segment of each class to a peer:
         #: that receiver parks it once done, for this process to claim.
         self._handed: dict[tuple[str, int], float] = {}
+        #: Comms of this process with a shared-memory link (see link_closed).
+        self._links = 0
         #: Sizes being created that a send has missed meanwhile.
         self._urgent: set[tuple[str, int]] = set()
         #: Warm-ups waiting for a segment to come back, with their deadline.
@@ -173,22 +181,28 @@ class Pool:
         whether one should be warmed to replace it.
 
         A miss while that size is being created makes the creation urgent
-        (see :meth:`_create`), unless it is a relay's (a scheduler handing on
-        what it just received misses along with its sender)."""
+        (see :meth:`_create`).  A ``relay`` (a scheduler handing on frames it
+        received over TCP because their sender's pool was cold) takes what is
+        idle but never warms, nor counts as demand: it forwards the segments
+        it receives, and the next message from that sender arrives in one.
+        A relay's warm-up only put ~0.85 ms of kernel time per MB of fresh
+        pages on a busy host and left an idle segment in the scheduler."""
         c = size_class(n)
         with self._lock:
-            if not relay and (directory.path, c) in self._warming:
-                self._urgent.add((directory.path, c))
             now = time.monotonic()
-            self._sent[(directory.path, c)] = now
+            if not relay:
+                if (directory.path, c) in self._warming:
+                    self._urgent.add((directory.path, c))
+                self._sent[(directory.path, c)] = now
             for cls in (c, size_class(c + 1)):
                 q = self._idle.get((directory.path, cls))
                 if q:
                     seg = q.pop()
                     self._idle_bytes -= seg.size
-                    self._handed[(directory.path, seg.size)] = now
-                    return seg, not q
-        return None, True
+                    if not relay:
+                        self._handed[(directory.path, seg.size)] = now
+                    return seg, not q and not relay
+        return None, not relay
 
     def put(self, seg: Segment) -> None:
         """Keep ``seg`` mapped for reuse if this process sends its size (and
@@ -254,7 +268,8 @@ class Pool:
                 self._live[key] = left
             else:
                 self._live.pop(key, None)
-            self._returned[key] = time.monotonic()
+            if self._links:  # this process still receives
+                self._returned[key] = time.monotonic()
         self.put(seg)
 
     def _expects_return(self, key: tuple[str, int], now: float) -> bool:
@@ -267,8 +282,25 @@ class Pool:
             or self._handed.get(key, -math.inf) > recent
         )
 
+    def link_opened(self) -> None:
+        """A comm of this process has a shared-memory link."""
+        with self._lock:
+            self._links += 1
+
+    def link_closed(self) -> None:
+        """A comm with a shared-memory link has ended.  Once none is left,
+        nothing handed over or received will come back, so warm-ups stop
+        expecting it (a client that closes one cluster and starts another
+        would otherwise wait ``WARM_WAIT`` on its first large send)."""
+        with self._lock:
+            self._links = max(0, self._links - 1)
+            if not self._links:
+                self._handed.clear()
+                self._returned.clear()
+
     def _per_class(self, size: int) -> int:
-        return max(2, self.limit // CLASS_SHARE // size)
+        """How many idle segments of class ``size`` stay mapped (see CLASS_SHARE)."""
+        return max(2 if size < AWAIT_RETURN_MIN else 1, self.limit // CLASS_SHARE // size)
 
     def _park(self, seg: Segment) -> None:
         if seg.size > self.limit:
@@ -398,14 +430,6 @@ class Pool:
         seg, later = None, False  # later: a timer or a thread finishes
         generation = self._generation
         try:
-            if deadline is not None:
-                with self._lock:
-                    if self._awaiting.get(key) != deadline:
-                        return  # a segment came back (put() ended the wait)
-            seg = self._claim(directory, size)
-            if seg is not None:
-                stats.count("segments-claimed")
-                return
             now = time.monotonic()
             with self._lock:
                 if deadline is None:
@@ -413,6 +437,19 @@ class Pool:
                         deadline = now + self.warm_wait
                         self._awaiting[key] = deadline
                 elif self._awaiting.get(key) != deadline:
+                    return  # a segment came back (put() ended the wait)
+            # A warm-up that waits claims only while this process is quiet:
+            # claiming fills a page table (~45 ms per 400 MB here), which
+            # slows a transfer under way, and what it waits for may come
+            # back meanwhile (then a surplus segment stays parked).
+            if deadline is None or now >= deadline or not self.busy():
+                seg = self._claim(directory, size)
+                if seg is not None:
+                    stats.count("segments-claimed")
+                    return
+            now = time.monotonic()
+            with self._lock:
+                if deadline is not None and self._awaiting.get(key) != deadline:
                     return  # came back meanwhile
                 later = deadline is not None and now < deadline
                 if deadline is not None and not later:
@@ -545,16 +582,18 @@ class Pool:
         if stale:
             seg.destroy()
 
-    def claim(self, directory: ShmDirectory, n: int) -> Segment | None:
+    def claim(self, directory: ShmDirectory, n: int, *, relay: bool = False) -> Segment | None:
         """A parked segment fitting ``n`` bytes, claimed and mapped now (or
         None).  For a sender that found no mapped segment: claiming costs a
         page-table fill (~0.11 ms per MB here), cheaper than sending the frame
-        over TCP (~0.4 ms per MB), and far cheaper than creating one."""
+        over TCP (~0.4 ms per MB), and far cheaper than creating one.
+        ``relay``: as in :meth:`take`."""
         seg = self._claim(directory, size_class(n))
         if seg is not None:
             stats.count("segments-claimed")
-            with self._lock:
-                self._handed[(directory.path, seg.size)] = time.monotonic()
+            if not relay:
+                with self._lock:
+                    self._handed[(directory.path, seg.size)] = time.monotonic()
         return seg
 
     def _claim(self, directory: ShmDirectory, size: int) -> Segment | None:

@@ -95,7 +95,7 @@ def place(
         if replace:  # that was the last of its size here, or there was none
             warm.append(n)
         if seg is None:
-            seg = pool.claim(directory, n)  # a segment some receiver parked
+            seg = pool.claim(directory, n, relay=relay)  # a segment some receiver parked
         if seg is None:
             if cold_transfer != "shm":
                 stats.count("fallback-cold")

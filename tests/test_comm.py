@@ -509,3 +509,31 @@ def test_a_cold_transfer_in_flight_counts_as_busy() -> None:
                 await comm.close()
 
     run(main())
+
+
+def test_once_no_comm_is_left_warm_ups_expect_nothing_back(shm_config: None) -> None:
+    """A process that handed large segments to peers, or got them back, waits
+    for the next one to come back before creating fresh pages: but once its
+    last shared-memory comm has closed, none will, and a warm-up (say, the
+    first large send to a new cluster) creates at once instead of waiting."""
+    from dask_shm.pool import get_pool
+    from dask_shm.segments import ShmDirectory
+
+    from .conftest import wait_for
+
+    n = 40 << 20  # a size whose warm-ups wait for returns
+
+    async def body(comm: Comm) -> None:
+        await comm.write({"x": to_serialize(np.ones(n, dtype="u1"))})
+        del (await comm.read())["x"]  # the echo came back and is released
+
+    run(with_echo("shm", body))
+    pool = get_pool()
+    pool.warm_wait = 60.0  # a warm-up still expecting a return would outlast the test
+    try:
+        pool.trim()  # nothing idle or parked: the warm-up below must create
+        pool.warm(ShmDirectory.get(SHM_DIR), n)
+        assert wait_for(lambda: pool.info()["warming"] == 0, timeout=20)
+        assert pool.info()["idle-segments"] == 1
+    finally:
+        pool.warm_wait = 1.0
