@@ -17,7 +17,11 @@ Two tiers:
 
 In the mapped tier a size class holds up to 1/16 of the limit (at least two
 segments below ``AWAIT_RETURN_MIN``, one above), so many small segments but
-one 400 MB one; the total stays within the limit.
+one 400 MB one; the total stays within the limit.  A size sent in bursts (a
+send missed it while a warm-up of it was under way: a dask.array rechunk
+sends two 128 MB frames in quick succession) keeps one more ready per such
+miss, up to ``BURST_SHARE`` of the limit, with as many warm-ups under way at
+once; otherwise the second frame of every burst would go over TCP.
 
 Flow: a received segment goes back to the receiver's mapped tier when its last
 view dies if this process has itself sent frames of that size within
@@ -101,6 +105,10 @@ MIN_SEGMENT = 64 * 1024
 #: (AWAIT_RETURN_MIN): a second one would sit idle in RSS while returns
 #: refill the first; received ones beyond it are parked for other senders.
 CLASS_SHARE = 16
+#: A size class sent in bursts (a send missed it while a warm-up of it was
+#: under way) may keep one more segment ready per such miss, up to this share
+#: of the pool limit: two 128 MB ones in a 1 GiB pool, but one of 400 MB.
+BURST_SHARE = 4
 #: Recycled segments up to this size are pre-faulted at once, in the
 #: releasing thread (~0.1 ms per MiB); larger ones by the housekeeping thread.
 INLINE_PREFAULT = 4 << 20
@@ -148,7 +156,12 @@ class Pool:
         self._idle_bytes = 0
         self._parked: deque[tuple[float, ShmDirectory, str, int]] = deque()
         self._parked_bytes = 0
-        self._warming: set[tuple[str, int]] = set()
+        #: Warm-ups under way per class (waiting, claiming, creating, or
+        #: pre-faulting a segment that came back).
+        self._warming: dict[tuple[str, int], int] = {}
+        #: How many segments of a class to have ready at once, where sends
+        #: of it come in bursts (else one; see BURST_SHARE).
+        self._want: dict[tuple[str, int], int] = {}
         #: When this process last wanted a segment of each class to send.
         self._sent: dict[tuple[str, int], float] = {}
         #: Received segments of each class whose views are alive, and when
@@ -162,8 +175,10 @@ class Pool:
         self._links = 0
         #: Sizes being created that a send has missed meanwhile.
         self._urgent: set[tuple[str, int]] = set()
-        #: Warm-ups waiting for a segment to come back, with their deadline.
-        self._awaiting: dict[tuple[str, int], float] = {}
+        #: Warm-ups waiting for a segment to come back: a token each, with
+        #: its deadline, oldest first.
+        self._awaiting: dict[tuple[str, int], dict[int, float]] = {}
+        self._tokens = itertools.count()
         self._requests: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = itertools.count()
@@ -186,23 +201,47 @@ class Pool:
         idle but never warms, nor counts as demand: it forwards the segments
         it receives, and the next message from that sender arrives in one.
         A relay's warm-up only put ~0.85 ms of kernel time per MB of fresh
-        pages on a busy host and left an idle segment in the scheduler."""
+        pages on a busy host and left an idle segment in the scheduler.
+
+        A miss while a warm-up of that size is under way means sends of it
+        come in bursts (two frames in quick succession, as a dask.array
+        rechunk sends): that size then keeps one more segment ready (see
+        ``BURST_SHARE``), else the second frame of every burst goes over TCP.
+        """
         c = size_class(n)
+        key = (directory.path, c)
         with self._lock:
             now = time.monotonic()
             if not relay:
-                if (directory.path, c) in self._warming:
-                    self._urgent.add((directory.path, c))
-                self._sent[(directory.path, c)] = now
+                self._wanted(key, now)  # a burst long past is forgotten
+                self._sent[key] = now
             for cls in (c, size_class(c + 1)):
                 q = self._idle.get((directory.path, cls))
                 if q:
                     seg = q.pop()
                     self._idle_bytes -= seg.size
-                    if not relay:
-                        self._handed[(directory.path, seg.size)] = now
-                    return seg, not q and not relay
-        return None, not relay
+                    if relay:
+                        return seg, False
+                    k = (directory.path, seg.size)
+                    self._handed[k] = now
+                    return seg, len(q) + self._warming.get(k, 0) < self._wanted(k, now)
+            if relay:
+                return None, False
+            if key in self._warming:
+                self._urgent.add(key)
+                want = self._want.get(key, 1)
+                if want < max(1, self.limit // BURST_SHARE // c):
+                    self._want[key] = want + 1
+                    stats.count("pool-bursts")
+        return None, True
+
+    def _wanted(self, key: tuple[str, int], now: float) -> int:
+        """How many segments of class ``key`` to have ready (lock held): one,
+        or more for a size sent in bursts, until it goes unsent for
+        ``idle_timeout``."""
+        if key in self._want and now - self._sent.get(key, -math.inf) >= self.idle_timeout:
+            del self._want[key]
+        return self._want.get(key, 1)
 
     def put(self, seg: Segment) -> None:
         """Keep ``seg`` mapped for reuse if this process sends its size (and
@@ -220,14 +259,17 @@ class Pool:
         with self._lock:
             generation = self._generation
             q = self._idle.get(key)
-            awaited = self._awaiting.pop(key, None)
+            waiting = self._awaiting.get(key)
+            awaited = waiting.pop(next(iter(waiting))) if waiting else None
+            if waiting is not None and not waiting:
+                del self._awaiting[key]
             if awaited is not None:
-                keep = True  # what a warm-up waits for
+                keep = True  # what a warm-up waits for: it goes on as the pre-fault below
             else:
                 keep = (
                     now - self._sent.get(key, -math.inf) < self.idle_timeout
-                    and (len(q) if q else 0) < self._per_class(seg.size)
-                    and key not in self._warming
+                    and (len(q) if q else 0) + self._warming.get(key, 0)
+                    < max(self._per_class(seg.size), self._wanted(key, now))
                     and seg.size <= self.limit
                 )
             if keep:  # a size this process sends: others make room, as in warm()
@@ -236,9 +278,10 @@ class Pool:
                     self._return(evicted)
                     evicted, keep = [], False
             if awaited is not None and not keep:
-                self._warming.discard(key)  # no room for what it waits for: it ends
+                self._done(key)  # no room for what it waits for: it ends
             if keep:
-                self._warming.add(key)  # pre-faulted before anyone takes it
+                if awaited is None:
+                    self._start(key)  # pre-faulted before anyone takes it
                 self._idle_bytes += seg.size
                 if awaited is not None:
                     stats.count("segments-awaited")
@@ -321,6 +364,8 @@ class Pool:
                 self._parked_bytes -= evicted[-1][3]
         for _, directory, old, _ in evicted:
             directory.unlink(old)
+        if not seg.directory.exists(name):  # claimed before it was noted above
+            self._forget_parked(name)
 
     # -- background work ---------------------------------------------------
 
@@ -334,13 +379,15 @@ class Pool:
         c = size_class(n)
         key = (directory.path, c)
         with self._lock:
-            if key in self._warming or c > self.limit:
+            q = self._idle.get(key)
+            ready = (len(q) if q else 0) + self._warming.get(key, 0)
+            if ready >= self._wanted(key, time.monotonic()) or c > self.limit:
                 return
             evicted = self._evict(c + self._idle_bytes - self.limit, keep=key)
             if c + self._idle_bytes > self.limit:  # could not make room
                 self._return(evicted)
                 return
-            self._warming.add(key)
+            self._start(key)
         self._ensure_thread()
         self._requests.put(partial(self._make_ready, directory, c, evicted))
 
@@ -361,6 +408,26 @@ class Pool:
             nbytes -= seg.size
             out.append(seg)
         return out
+
+    def _stop_waiting(self, key: tuple[str, int], token: int) -> None:
+        """Forget the waiting warm-up ``token`` (lock held)."""
+        waiting = self._awaiting[key]
+        del waiting[token]
+        if not waiting:
+            del self._awaiting[key]
+
+    def _start(self, key: tuple[str, int]) -> None:
+        """A warm-up of class ``key`` begins (lock held)."""
+        self._warming[key] = self._warming.get(key, 0) + 1
+
+    def _done(self, key: tuple[str, int]) -> None:
+        """A warm-up of class ``key`` ends (lock held)."""
+        left = self._warming.get(key, 0) - 1
+        if left > 0:
+            self._warming[key] = left
+        else:
+            self._warming.pop(key, None)
+            self._urgent.discard(key)
 
     def _return(self, segs: list[Segment]) -> None:
         """Undo :meth:`_evict` (lock held)."""
@@ -418,26 +485,31 @@ class Pool:
         directory: ShmDirectory,
         size: int,
         evicted: Sequence[Segment] = (),
-        deadline: float | None = None,
+        token: int | None = None,
     ) -> None:
         """Claim or create a segment of class ``size`` for the mapped tier;
         or, if one may come back soon (:meth:`_expects_return`), look again
-        every ``WARM_POLL`` until a deadline before creating one.  ``deadline``
-        is given when looking again."""
+        every ``WARM_POLL`` until a deadline before creating one.  ``token``
+        names the waiting warm-up when looking again; once put() has removed
+        it from ``_awaiting``, a segment came back and the warm-up lives on
+        as that segment's pre-fault."""
         for old in evicted:
             self._park(old)
         key = (directory.path, size)
         seg, later = None, False  # later: a timer or a thread finishes
         generation = self._generation
+        deadline = None
         try:
             now = time.monotonic()
             with self._lock:
-                if deadline is None:
+                if token is None:
                     if self._expects_return(key, now):
-                        deadline = now + self.warm_wait
-                        self._awaiting[key] = deadline
-                elif self._awaiting.get(key) != deadline:
-                    return  # a segment came back (put() ended the wait)
+                        token, deadline = next(self._tokens), now + self.warm_wait
+                        self._awaiting.setdefault(key, {})[token] = deadline
+                else:
+                    deadline = self._awaiting.get(key, {}).get(token)
+                    if deadline is None:
+                        return  # a segment came back (put() ended the wait)
             # A warm-up that waits claims only while this process is quiet:
             # claiming fills a page table (~45 ms per 400 MB here), which
             # slows a transfer under way, and what it waits for may come
@@ -449,13 +521,14 @@ class Pool:
                     return
             now = time.monotonic()
             with self._lock:
-                if deadline is not None and self._awaiting.get(key) != deadline:
+                if token is not None and token not in self._awaiting.get(key, {}):
                     return  # came back meanwhile
                 later = deadline is not None and now < deadline
-                if deadline is not None and not later:
-                    del self._awaiting[key]  # waited long enough: create one
+                if token is not None and not later:
+                    self._stop_waiting(key, token)  # waited long enough: create one
+                    token = None
             if later:
-                self._later(WARM_POLL, partial(self._make_ready, directory, size, (), deadline))
+                self._later(WARM_POLL, partial(self._make_ready, directory, size, (), token))
                 return
             if size >= 2 * CREATE_STEP:  # paced, in a thread of its own (see _create)
                 later = True
@@ -469,7 +542,7 @@ class Pool:
             logger.debug("could not warm a %d-byte segment: %s", size, e)
         finally:
             if not later:
-                self._ready(key, seg, generation, deadline)
+                self._ready(key, seg, generation, token)
 
     def _create(self, directory: ShmDirectory, size: int, generation: int) -> None:
         """Create a large segment for the mapped tier, step by step, each step
@@ -526,24 +599,29 @@ class Pool:
         key: tuple[str, int],
         seg: Segment | None,
         generation: int,
-        deadline: float | None = None,
+        token: int | None = None,
     ) -> None:
-        """End a warm-up (one that waited until ``deadline``, if given): ``seg``
-        (if any) joins the mapped tier, unless the pool was trimmed in full
-        since the warm-up began."""
+        """End a warm-up (the waiting one ``token``, if given): ``seg`` (if
+        any) joins the mapped tier, unless the pool was trimmed in full since
+        the warm-up began."""
+        surplus = False
         with self._lock:  # ready and no longer warming, atomically
-            if deadline is not None and self._awaiting.get(key) == deadline:
-                del self._awaiting[key]  # it claimed one while waiting
             stale = generation != self._generation
-            if seg is not None and not stale:
+            if token is None:
+                self._done(key)
+            elif token in self._awaiting.get(key, {}):
+                self._stop_waiting(key, token)  # it claimed one while waiting
+                self._done(key)
+            else:  # put() ended the wait (and the pre-fault it started ends it)
+                surplus = seg is not None  # claimed meanwhile: one too many
+            if seg is not None and not stale and not surplus:
                 seg.last_used = time.monotonic()
                 self._idle.setdefault(key, deque()).append(seg)
                 self._idle_bytes += seg.size
-            if key not in self._awaiting:
-                self._warming.discard(key)
-                self._urgent.discard(key)
         if seg is not None and stale:
             seg.destroy()
+        elif seg is not None and surplus:
+            self._park(seg)
 
     # -- activity --------------------------------------------------------------
 
@@ -578,7 +656,7 @@ class Pool:
                 self._idle_bytes -= seg.size
             else:
                 self._idle.setdefault((seg.directory.path, seg.size), deque()).append(seg)
-            self._warming.discard((seg.directory.path, seg.size))
+            self._done((seg.directory.path, seg.size))
         if stale:
             seg.destroy()
 
@@ -609,6 +687,7 @@ class Pool:
             if n == size:
                 seg = Segment.claim(directory, name)
                 if seg is not None:
+                    self._forget_parked(name)  # ours, if just parked (see _park)
                     return seg
         return None
 
@@ -631,8 +710,9 @@ class Pool:
         with self._lock:
             if everything:  # and no warm-up under way adds one later
                 self._generation += 1
-                for key in self._awaiting:
-                    self._warming.discard(key)
+                for key, waiting in list(self._awaiting.items()):
+                    for _ in waiting:
+                        self._done(key)
                 self._awaiting.clear()
             for q in self._idle.values():
                 while q and q[0].last_used < older_than:
@@ -656,7 +736,7 @@ class Pool:
                 "idle-bytes": self._idle_bytes,
                 "parked-segments": len(self._parked),
                 "parked-bytes": self._parked_bytes,
-                "warming": len(self._warming),
+                "warming": sum(self._warming.values()),
                 "limit": self.limit,
             }
 

@@ -37,6 +37,9 @@ them on Dask's Prometheus endpoints.  Names:
     Segments this process parked for any process to claim, claimed (parked
     by itself or another), got back for a warm-up that waited for one, and
     handed on as a relay without copying.
+``pool-bursts``
+    Times a send missed a size while a warm-up of it was under way, so that
+    size now keeps one more segment ready (see ``dask_shm.pool.BURST_SHARE``).
 """
 
 from __future__ import annotations

@@ -271,6 +271,42 @@ def test_one_idle_segment_of_a_large_size_stays_mapped(monkeypatch: pytest.Monke
         pool.trim()
 
 
+def test_a_size_sent_in_bursts_keeps_one_more_segment_ready() -> None:
+    """A send that misses a size while a warm-up of it waits means frames of
+    it go out in bursts (a dask.array rechunk sends two 128 MB ones in quick
+    succession): that size then keeps two segments ready, both filled by
+    segments coming back, else the second frame of every burst went over
+    TCP.  Up to a quarter of the pool: a size that large keeps one."""
+    d = ShmDirectory.get(SHM_DIR)
+    n = 40 << 20  # above AWAIT_RETURN_MIN: its warm-ups wait for returns
+    c = size_class(n)
+    for limit, most in ((1 << 30, 2), (4 * c + c // 2, 1)):
+        pool = Pool(limit=limit, idle_timeout=60)
+        pool.warm_wait = 60.0  # the releases below must come first
+        held = [Segment.create(d, c) for _ in range(2)]  # two received ones are out
+        views = [seg.export(pool.received(seg)) for seg in held]
+        del held
+        bursts = stats.snapshot().get("pool-bursts", 0)
+        try:
+            assert pool.take(d, n) == (None, True)
+            pool.warm(d, n)
+            assert pool.info()["warming"] == 1  # waiting for a return
+            assert pool.take(d, n) == (None, True)  # the burst's second frame
+            pool.warm(d, n)
+            assert pool.info()["warming"] == most, limit
+            assert stats.snapshot().get("pool-bursts", 0) == bursts + most - 1
+            assert wait_for(lambda: sum(map(len, pool._awaiting.values())) == most)
+            del views  # the data is freed: both come back
+            assert wait_for(lambda: pool.info()["warming"] == 0)
+            info = pool.info()
+            assert (info["idle-segments"], info["parked-segments"]) == (most, 2 - most), (info, stats.snapshot())
+            first, replace = pool.take(d, n)
+            assert first is not None and replace  # one left, two wanted
+            first.destroy()
+        finally:
+            pool.trim()
+
+
 def test_a_waiting_warm_up_claims_only_when_this_process_is_quiet() -> None:
     """A warm-up waiting for a segment to come back does not claim a parked
     one while this process moves a large message: the claim fills a page
