@@ -208,7 +208,7 @@ def render(results: list[Any], notes: dict[str, Any]) -> str:
     rss = {k: v for k, v in notes.items() if k.startswith("rss")}
     if rss:
         out += ["", "## RSS change across one worker-to-worker transfer, as a fraction of the payload "
-                "(pools' idle segments released before each reading)", ""]
+                "(pools' idle segments released before each reading; active memory manager paused)", ""]
         out.append("| transport | sender | receiver |")
         out.append("|---|---|---|")
         for k, v in rss.items():

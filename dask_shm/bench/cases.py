@@ -304,12 +304,25 @@ def rss_after_transfer(client: Any, nbytes: int, rounds: int = 3) -> dict[str, f
     """RSS of the sender and the receiver of a worker-to-worker transfer, just
     before and just after one more transfer (after ``rounds`` of the same
     size) whose result the receiver reads and keeps; both readings exclude
-    the pools' idle segments (see :func:`_settled_rss`).  Each round moves a freshly made array (a replica already
-    on the receiver would not move).  Returned as fractions of ``nbytes``:
+    the pools' idle segments (see :func:`_settled_rss`).  Each round moves a
+    freshly made array (a replica already on the receiver would not move).  Returned as fractions of ``nbytes``:
     the sender's should be ~0 (it keeps nothing of what it handed over), the
-    receiver's ~1 (the data, counted once)."""
-    a, b = _workers(client)[:2]
+    receiver's ~1 (the data, counted once).
 
+    Dask's active memory manager is paused meanwhile: every 2 s it drops
+    surplus replicas, and dropping the sender's (it did, between the two
+    readings, in full runs of this benchmark) reads as -1."""
+    a, b = _workers(client)[:2]
+    amm = client.amm.running()
+    client.amm.stop()
+    try:
+        return _rss_rounds(client, a, b, nbytes, rounds)
+    finally:
+        if amm:
+            client.amm.start()
+
+
+def _rss_rounds(client: Any, a: str, b: str, nbytes: int, rounds: int) -> dict[str, float]:
     def one() -> dict[str, float]:
         x = client.submit(np.ones, nbytes, dtype=np.uint8, workers=[a], pure=False)
         client.submit(len, x, workers=[a]).result()
