@@ -224,7 +224,7 @@ class Pool:
                         return seg, False
                     k = (directory.path, seg.size)
                     self._handed[k] = now
-                    return seg, len(q) + self._warming.get(k, 0) < self._wanted(k, now)
+                    return seg, self._ready_count(k) < self._wanted(k, now)
             if relay:
                 return None, False
             if key in self._warming:
@@ -234,6 +234,11 @@ class Pool:
                     self._want[key] = want + 1
                     stats.count("pool-bursts")
         return None, True
+
+    def _ready_count(self, key: tuple[str, int]) -> int:
+        """Idle mapped segments of class ``key`` plus warm-ups under way (lock held)."""
+        q = self._idle.get(key)
+        return (len(q) if q else 0) + self._warming.get(key, 0)
 
     def _wanted(self, key: tuple[str, int], now: float) -> int:
         """How many segments of class ``key`` to have ready (lock held): one,
@@ -258,7 +263,6 @@ class Pool:
         evicted: list[Segment] = []
         with self._lock:
             generation = self._generation
-            q = self._idle.get(key)
             waiting = self._awaiting.get(key)
             awaited = waiting.pop(next(iter(waiting))) if waiting else None
             if waiting is not None and not waiting:
@@ -268,7 +272,7 @@ class Pool:
             else:
                 keep = (
                     now - self._sent.get(key, -math.inf) < self.idle_timeout
-                    and (len(q) if q else 0) + self._warming.get(key, 0)
+                    and self._ready_count(key)
                     < max(self._per_class(seg.size), self._wanted(key, now))
                     and seg.size <= self.limit
                 )
@@ -379,9 +383,7 @@ class Pool:
         c = size_class(n)
         key = (directory.path, c)
         with self._lock:
-            q = self._idle.get(key)
-            ready = (len(q) if q else 0) + self._warming.get(key, 0)
-            if ready >= self._wanted(key, time.monotonic()) or c > self.limit:
+            if self._ready_count(key) >= self._wanted(key, time.monotonic()) or c > self.limit:
                 return
             evicted = self._evict(c + self._idle_bytes - self.limit, keep=key)
             if c + self._idle_bytes > self.limit:  # could not make room

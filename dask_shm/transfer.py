@@ -92,7 +92,7 @@ def place(
             stats.count("segments-forwarded")
             continue
         seg, replace = pool.take(directory, n, relay=relay)
-        if replace:  # that was the last of its size here, or there was none
+        if replace:  # fewer of its size are ready here than wanted (see Pool.take)
             warm.append(n)
         if seg is None:
             seg = pool.claim(directory, n, relay=relay)  # a segment some receiver parked
