@@ -458,16 +458,30 @@ _OWN_SHM = (
 )
 
 
+def _close_worker(address: str, dask_scheduler: Any) -> None:
+    dask_scheduler.close_worker(address)
+
+
 @contextmanager
-def worker_on_other_host(ns: str, its_ip: str, scheduler: str) -> Iterator[subprocess.Popen[bytes]]:
+def worker_on_other_host(ns: str, its_ip: str, client: Client, n: int) -> Iterator[str]:
+    """A ``dask worker --no-nanny`` on the other host, joined to ``client``'s
+    scheduler; yields its address once ``n`` workers are up.
+
+    On a normal exit the scheduler asks it to close and it must end by itself
+    with status 0.  (SIGTERM is the way out only after a failure: a ``--no-nanny``
+    worker's SIGTERM path cancels every asyncio task, and when that catches
+    its batched stream mid-write, distributed's ``BatchedSend.close`` waits
+    out its 30 s timeout.)"""
     env = dict(
         os.environ,
         D=SHM_DIR,
         DASK_DASK_SHM__DIRECTORY=SHM_DIR,
         DASK_DASK_SHM__COLD_TRANSFER="shm",
         DASK_DASK_SHM__THRESHOLD="64 KiB",
+        PYTHONFAULTHANDLER="1",
         PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
     )
+    scheduler = client.scheduler.address
     cmd = [
         "ip", "netns", "exec", ns, "unshare", "--mount", "--propagation", "private",
         "sh", "-c", _OWN_SHM, "sh",
@@ -480,28 +494,33 @@ def worker_on_other_host(ns: str, its_ip: str, scheduler: str) -> Iterator[subpr
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
         failing = False
         try:
-            yield proc
+            client.wait_for_workers(n, timeout=60)
+            [address] = [a for a in client.scheduler_info()["workers"] if f"//{its_ip}:" in a]
+            yield address
+            client.run_on_scheduler(_close_worker, address)
+            proc.wait(30)
         except BaseException:
             failing = True
             raise
         finally:
-            proc.terminate()
+            if proc.poll() is None:
+                proc.terminate()
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                # Stuck: faulthandler (PYTHONFAULTHANDLER) writes every
+                # thread's stack to the log on SIGABRT, shown below.
+                proc.send_signal(signal.SIGABRT)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
             log.seek(0)
-            tail = log.read().decode(errors="replace")[-4000:]
+            tail = log.read().decode(errors="replace")[-12000:]
             sys.stderr.write(f"other host's worker log (tail):\n{tail}\n")  # shown on failure
-            if not failing and proc.returncode not in (0, -signal.SIGTERM):
+            if not failing and proc.returncode != 0:
                 pytest.fail(f"the other host's worker ended with {proc.returncode}:\n{tail}")
-
-
-def _other_host_address(client: Client, its_ip: str, n: int) -> str:
-    client.wait_for_workers(n, timeout=60)
-    [addr] = [a for a in client.scheduler_info()["workers"] if f"//{its_ip}:" in a]
-    return addr
 
 
 @needs_namespaces
@@ -515,8 +534,7 @@ def test_worker_on_another_host_gets_tcp_and_right_results(shm_config: None) -> 
     several-MB arrays give the right results."""
     with other_host() as (ns, ours_ip, its_ip), LocalCluster(
         protocol="shm", host=ours_ip, n_workers=0, processes=True, dashboard_address=":0"
-    ) as lc, Client(lc) as client, worker_on_other_host(ns, its_ip, lc.scheduler_address):
-        c = _other_host_address(client, its_ip, 1)
+    ) as lc, Client(lc) as client, worker_on_other_host(ns, its_ip, client, 1) as c:
         there = client.run(namespaces, workers=[c])[c]
         assert there["net"] != namespaces()["net"]
         assert there["shm-dev"] != namespaces()["shm-dev"]  # its own tmpfs
@@ -553,8 +571,7 @@ def test_cluster_across_two_hosts(shm_config: None) -> None:
     with other_host() as (ns, ours_ip, its_ip), LocalCluster(
         protocol="shm", host=ours_ip, n_workers=2, threads_per_worker=1, processes=True,
         dashboard_address=":0",
-    ) as lc, Client(lc) as client, worker_on_other_host(ns, its_ip, lc.scheduler_address):
-        c = _other_host_address(client, its_ip, 3)
+    ) as lc, Client(lc) as client, worker_on_other_host(ns, its_ip, client, 3) as c:
         a, b = sorted(w for w in client.scheduler_info()["workers"] if w != c)
 
         x = client.submit(np.arange, n, workers=[a], pure=False)
