@@ -55,11 +55,11 @@ has no shared-memory comm left, it expects nothing back.  When one must be
 created after all, a thread of its own does it in steps of ``CREATE_STEP``,
 each waiting while this process moves a large message (``Pool.busy``: one
 written or read within ``QUIET``, or a comm socket with bytes queued) and,
-until a send of that size misses it, while other processes keep more than
-``HOST_SHARE`` of the host's CPUs busy (another worker receiving, say); for
-at most ``MAX_YIELD`` in all.  Measured on the 2-core VM: without the host
-check, the first scatter of a fresh cluster took ~120 ms longer than with
-pooling off; with it, no longer.
+until a send of that size misses it, while anything but that thread keeps
+more than ``HOST_SHARE`` of the host's CPUs busy (another worker receiving,
+or this process receiving over TCP, say); for at most ``MAX_YIELD`` in all.
+Measured on the 2-core VM: without the host check, the first scatter of a
+fresh cluster took ~120 ms longer than with pooling off; with it, no longer.
 
 Idle segments are released after ``dask-shm.pool-idle-timeout``: mapped ones
 are parked, parked ones unlinked.  Sizes are rounded up to classes a quarter
@@ -744,11 +744,15 @@ class Pool:
 
 
 class _HostLoad:
-    """CPU time the host spends outside this process (Linux ``/proc/stat``).
+    """CPU time the host spends outside the calling thread (Linux
+    ``/proc/stat``).
 
     Fresh pages cost kernel time that, on a small or virtualized machine,
-    slows every process on it: a warm-up creating them waits until other
-    processes (another worker receiving, say) leave the host half idle.
+    slows every process on it: a warm-up creating them waits until the rest
+    of the host (another worker receiving, or this very process receiving a
+    transfer, whose reads over TCP leave no trace in :meth:`Pool.busy`) leaves
+    it half idle.  Only the warm-up's own thread is left out: it is what
+    would be measured otherwise.
     """
 
     def __init__(self) -> None:
@@ -763,11 +767,10 @@ class _HostLoad:
         except (OSError, ValueError):
             return time.monotonic(), 0.0, 0.0  # not Linux: say "idle"
         busy = (sum(ticks) - ticks[3] - ticks[4]) / _CLK_TCK  # all but idle, iowait
-        own = os.times()
-        return time.monotonic(), busy, own.user + own.system
+        return time.monotonic(), busy, time.thread_time()
 
     def others(self) -> float:
-        """CPUs' worth used by other processes since the last call."""
+        """CPUs' worth used outside the calling thread since the last call."""
         t0, busy0, own0 = self._last
         self._last = t1, busy1, own1 = self._sample()
         if t1 <= t0:
