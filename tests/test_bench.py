@@ -32,4 +32,6 @@ def test_bench_runs_every_section_on_small_payloads(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "results.json").read_text())
     schemes = {r["transport"] for r in results["results"]}
     assert {"tcp", "shm"} <= schemes, schemes
+    for r in results["results"]:  # every warm repetition's time is kept
+        assert len(r["extra"]["times"]) == r["reps"], r
     assert (tmp_path / "throughput.png").stat().st_size > 0

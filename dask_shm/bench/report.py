@@ -34,14 +34,15 @@ def summarize(
 ) -> Result:
     """Median and spread of the warm repetitions; the first one is "cold".
 
-    ``paired``: the repetitions interleave with another transport's, one for
-    one; the raw times are kept so that :func:`table` can take the median of
-    the per-repetition ratios, which cancels the machine's drift.
+    The warm repetitions' raw times are kept (``extra["times"]``, in the
+    JSON).  ``paired``: they interleave with another transport's, one for
+    one, and :func:`ratio` takes the median of the per-repetition ratios,
+    which cancels the machine's drift.
     """
     first = times[0] if cold and len(times) > 1 else None
     warm = times[1:] if first is not None else times
     q = statistics.quantiles(warm, n=4) if len(warm) > 1 else [warm[0]] * 3
-    extra: dict[str, Any] = {"paired-times": warm} if paired else {}
+    extra: dict[str, Any] = {"times": warm, "paired": paired}
     return Result(section, path, transport, nbytes, statistics.median(warm), q[2] - q[0], first,
                   len(warm), extra)
 
@@ -68,8 +69,8 @@ def _ratio(a: float | None, b: float | None) -> str:
 def ratio(base: Result, cont: Result) -> float:
     """``base`` over ``cont``: the median of per-repetition ratios when both
     were measured interleaved (see :func:`summarize`), else of the medians."""
-    a, b = base.extra.get("paired-times"), cont.extra.get("paired-times")
-    if a and b and len(a) == len(b):
+    a, b = base.extra.get("times"), cont.extra.get("times")
+    if base.extra.get("paired") and cont.extra.get("paired") and a and b and len(a) == len(b):
         return statistics.median(x / y for x, y in zip(a, b))
     return base.median / cont.median
 
