@@ -106,6 +106,12 @@ class Link:
             self._open = False
             self.pool.link_closed()
 
+    def abandon(self) -> None:
+        """The comm was dropped without closing: end the link and take back
+        what it handed over that its peer never took."""
+        self.close()
+        self.inflight.discard()
+
     def pop_warm(self) -> list[int]:
         sizes, self._warm = self._warm, []
         return sizes
@@ -343,8 +349,7 @@ class SHM(TCP):
         )
         stats.count("handshake-shm")
         _linked.add(self)
-        weakref.finalize(self, link.inflight.discard)
-        weakref.finalize(self, link.close)
+        weakref.finalize(self, link.abandon)
 
     # A staticmethod in Comm; distributed calls it on the instance, and the
     # outcome of this comm's negotiation is instance state.

@@ -123,8 +123,8 @@ WARM_POLL = 0.05
 #: After a large message, this process counts as busy for this long: a
 #: warm-up that must create fresh pages waits for quiet (see Pool.busy)...
 QUIET = 0.05
-#: ...and while other processes keep more than this share of the host's
-#: CPUs busy...
+#: ...and while anything but the warm-up's own thread keeps more than this
+#: share of the host's CPUs busy...
 HOST_SHARE = 0.25
 #: ...but for at most this long in all.
 MAX_YIELD = 5.0
@@ -264,10 +264,9 @@ class Pool:
         with self._lock:
             generation = self._generation
             waiting = self._awaiting.get(key)
-            awaited = waiting.pop(next(iter(waiting))) if waiting else None
-            if waiting is not None and not waiting:
-                del self._awaiting[key]
+            awaited = next(iter(waiting)) if waiting else None  # the oldest waiting warm-up
             if awaited is not None:
+                self._stop_waiting(key, awaited)
                 keep = True  # what a warm-up waits for: it goes on as the pre-fault below
             else:
                 keep = (
@@ -549,7 +548,7 @@ class Pool:
     def _create(self, directory: ShmDirectory, size: int, generation: int) -> None:
         """Create a large segment for the mapped tier, step by step, each step
         waiting while this process moves a large message (:meth:`busy`) and,
-        until a send misses it, while other processes keep the host busy; for
+        until a send misses it, while the rest of the host is busy; for
         at most ``MAX_YIELD`` in all: a transfer then never competes with
         ~0.85 ms of kernel time per MB of fresh pages for long."""
         _lower_priority()
@@ -566,7 +565,7 @@ class Pool:
                 if key in self._urgent:
                     break  # sends are missing it: yield to this process only
                 time.sleep(WARM_POLL / 2)  # a window to see what the host does
-                if host.others() < HOST_SHARE * host.cpus:
+                if host.elsewhere() < HOST_SHARE * host.cpus:
                     break
             if generation != self._generation:
                 raise _Abandoned  # trimmed meanwhile: Segment.create unlinks it
@@ -769,7 +768,7 @@ class _HostLoad:
         busy = (sum(ticks) - ticks[3] - ticks[4]) / _CLK_TCK  # all but idle, iowait
         return time.monotonic(), busy, time.thread_time()
 
-    def others(self) -> float:
+    def elsewhere(self) -> float:
         """CPUs' worth used outside the calling thread since the last call."""
         t0, busy0, own0 = self._last
         self._last = t1, busy1, own1 = self._sample()

@@ -14,6 +14,13 @@ from dask_shm.segments import CREATE_STEP, Segment, ShmDirectory, list_parked
 
 from .conftest import SHM_DIR, wait_for
 
+
+def take_ready(pool: Pool, d: ShmDirectory, n: int) -> Segment:
+    """The idle segment ``pool`` must have ready for ``n`` bytes."""
+    seg, _ = pool.take(d, n)
+    assert seg is not None, pool.info()
+    return seg
+
 KiB = 1024
 
 
@@ -127,8 +134,8 @@ def test_a_warm_up_waits_for_a_received_segment_to_come_back() -> None:
         assert pool.info()["warming"] == 1  # waiting, not creating
         del view  # the data is freed: the segment comes back
         assert wait_for(lambda: pool.info()["warming"] == 0)
-        seg, _ = pool.take(d, n)
-        assert seg is not None and seg.size == size_class(n)
+        seg = take_ready(pool, d, n)
+        assert seg.size == size_class(n)
         assert stats.snapshot().get("segments-created", 0) == created
         seg.destroy()
     finally:
@@ -222,9 +229,7 @@ def test_a_waiting_warm_up_claims_what_another_process_parks_and_ends() -> None:
             assert pool.info()["warming"] == 1  # waiting for it to come back
             Segment.create(d, size_class(n)).park()  # as a receiver elsewhere parks one
             assert wait_for(lambda: pool.info()["warming"] == 0)
-            seg, _ = pool.take(d, n)
-            assert seg is not None
-            seg.destroy()
+            take_ready(pool, d, n).destroy()
     finally:
         del view
         pool.trim()
@@ -338,9 +343,7 @@ def test_a_waiting_warm_up_claims_only_when_this_process_is_quiet() -> None:
         busy.join()
         assert wait_for(lambda: pool.info()["warming"] == 0)  # quiet: claimed
         assert list_parked(d) == []
-        seg, _ = pool.take(d, n)
-        assert seg is not None
-        seg.destroy()
+        take_ready(pool, d, n).destroy()
     finally:
         stop.set()
         busy.join()
@@ -376,9 +379,7 @@ def test_a_creation_yields_to_a_busy_host_until_a_send_misses_it(
         assert pool.info()["warming"] == 1  # ...is its sender's, already counted
         assert pool.take(d, n) == (None, True)  # a send misses it
         assert wait_for(lambda: pool.info()["warming"] == 0, timeout=3.0)
-        seg, _ = pool.take(d, n)
-        assert seg is not None
-        seg.destroy()
+        take_ready(pool, d, n).destroy()
     finally:
         spinner.kill()
         spinner.wait()

@@ -305,9 +305,10 @@ def rss_after_transfer(client: Any, nbytes: int, rounds: int = 3) -> dict[str, f
     before and just after one more transfer (after ``rounds`` of the same
     size) whose result the receiver reads and keeps; both readings exclude
     the pools' idle segments (see :func:`_settled_rss`).  Each round moves a
-    freshly made array (a replica already on the receiver would not move).  Returned as fractions of ``nbytes``:
-    the sender's should be ~0 (it keeps nothing of what it handed over), the
-    receiver's ~1 (the data, counted once).
+    freshly made array (a replica already on the receiver would not move).
+    Returned as fractions of ``nbytes``: the sender's should be ~0 (it keeps
+    nothing of what it handed over), the receiver's ~1 (the data, counted
+    once).
 
     Dask's active memory manager is paused meanwhile: every 2 s it drops
     surplus replicas, and dropping the sender's (it did, between the two
