@@ -16,19 +16,14 @@ load_defaults()
 from dask_shm import family, stats  # noqa: E402
 
 family.register()
-from dask_shm.segments import (  # noqa: E402
-    DescriptorError,
-    SegmentMissing,
-    ShmError,
-    ShmFull,
-)
+from dask_shm.errors import BufferMissing, DescriptorError, ShmError, ShmFull  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "BufferMissing",
     "DescriptorError",
-    "SegmentMissing",
     "Settings",
     "ShmError",
     "ShmFull",

@@ -22,31 +22,61 @@ def shm() -> None:
 
 def _directory(path: str | None) -> Any:
     from dask_shm.config import settings
-    from dask_shm.segments import ShmDirectory
+    from dask_shm.names import Directory
 
     path = path or settings().directory
-    reason = ShmDirectory.unusable_reason(path)
+    reason = Directory.unusable_reason(path)
     if reason:
         raise click.ClickException(reason)
-    return ShmDirectory(path)
+    return Directory(path)
 
 
 def _fmt(n: int) -> str:
-    from dask_shm.segments import _fmt as fmt
+    from dask_shm.names import fmt_bytes
 
-    return fmt(n)
+    return fmt_bytes(n)
+
+
+def huge_pages(path: str) -> str:
+    """Whether files in ``path`` get huge pages: the tmpfs mount's ``huge=``
+    option, else the system-wide shmem setting.  With huge pages a buffer
+    is faulted in faster and copied out of faster."""
+    best = ("", "")
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                _dev, mnt, fstype, opts = line.split()[:4]
+                if path.startswith(mnt) and len(mnt) >= len(best[0]) and fstype == "tmpfs":
+                    best = (mnt, opts)
+    except OSError:
+        return "unknown"
+    for opt in best[1].split(","):
+        if opt.startswith("huge="):
+            return f"{opt[5:]} (mount option)"
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled") as f:
+            setting = f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "unknown"
+    return f"{setting} (shmem_enabled)"
 
 
 @shm.command()
 @click.option("--directory", default=None, help="Shared-memory directory (default: dask-shm.directory).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def status(directory: str | None, as_json: bool) -> None:
-    """List dask-shm segments: owner, alive or orphaned, size, totals."""
-    from dask_shm.segments import list_segments
+    """List dask-shm files (buffers, probes, release pipes): owner, alive or
+    orphaned, size, totals; the configured budget and whether the directory
+    gives huge pages."""
+    from dask_shm.config import settings
+    from dask_shm.janitor import list_files
+    from dask_shm.names import KINDS
 
     d = _directory(directory)
-    infos = list_segments(d)
+    infos = list_files(d)
     free, total = d.free_space()
+    conf = settings()
+    huge = huge_pages(d.path)
     if as_json:
         click.echo(
             json.dumps(
@@ -54,11 +84,14 @@ def status(directory: str | None, as_json: bool) -> None:
                     "directory": d.path,
                     "free": free,
                     "total": total,
-                    "segments": [
+                    "buffer-size": conf.buffer_size,
+                    "fragment-size": conf.fragment_size,
+                    "huge-pages": huge,
+                    "files": [
                         {
                             "name": i.name,
                             "pid": i.owner.pid,
-                            "kind": {"p": "probe", "s": "data", "f": "free"}[i.kind],
+                            "kind": KINDS[i.kind],
                             "size": i.size,
                             "alive": i.alive,
                         }
@@ -69,20 +102,24 @@ def status(directory: str | None, as_json: bool) -> None:
             )
         )
         return
-    click.echo(f"{d.path}: {_fmt(free)} free of {_fmt(total)}")
+    click.echo(f"{d.path}: {_fmt(free)} free of {_fmt(total)}; huge pages: {huge}")
+    click.echo(
+        f"buffer-size {_fmt(conf.buffer_size)} per process with an shm:// comm, "
+        f"fragment-size {_fmt(conf.fragment_size)}"
+    )
     by_pid: dict[int, list[Any]] = {}
     for i in infos:
         by_pid.setdefault(i.owner.pid, []).append(i)
     if not infos:
-        click.echo("no dask-shm segments")
+        click.echo("no dask-shm files")
         return
-    click.echo(f"{'pid':>8}  {'state':8}  {'segments':>8}  {'bytes':>12}")
+    click.echo(f"{'pid':>8}  {'state':8}  {'files':>8}  {'bytes':>12}")
     for pid, items in sorted(by_pid.items()):
         state = "alive" if items[0].alive else "orphaned"
         click.echo(f"{pid:>8}  {state:8}  {len(items):>8}  {_fmt(sum(i.size for i in items)):>12}")
     orphaned = [i for i in infos if not i.alive]
     click.echo(
-        f"total: {len(infos)} segments, {_fmt(sum(i.size for i in infos))}; "
+        f"total: {len(infos)} files, {_fmt(sum(i.size for i in infos))}; "
         f"orphaned: {len(orphaned)}, {_fmt(sum(i.size for i in orphaned))}"
     )
 
@@ -91,14 +128,14 @@ def status(directory: str | None, as_json: bool) -> None:
 @click.option("--directory", default=None, help="Shared-memory directory (default: dask-shm.directory).")
 @click.option("--dry-run", is_flag=True, help="Show what would be removed, remove nothing.")
 def sweep(directory: str | None, dry_run: bool) -> None:
-    """Remove segments whose owner process is dead (never a live one's)."""
-    from dask_shm.segments import sweep as do_sweep
+    """Remove dask-shm files whose owner process is dead (never a live one's)."""
+    from dask_shm.janitor import sweep as do_sweep
 
     removed = do_sweep(_directory(directory), dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for i in removed:
         click.echo(f"{verb} {i.name} ({_fmt(i.size)}, pid {i.owner.pid})")
-    click.echo(f"{verb} {len(removed)} orphaned segment(s), {_fmt(sum(i.size for i in removed))}")
+    click.echo(f"{verb} {len(removed)} orphaned file(s), {_fmt(sum(i.size for i in removed))}")
 
 
 @shm.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

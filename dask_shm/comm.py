@@ -1,23 +1,28 @@
-"""The ``shm://`` comm backend: distributed's TCP comm, with large frames moved
-through shared memory once the handshake has proved that both ends share the
-shm directory.
+"""The ``shm://`` comm backend: distributed's TCP comm, with large messages
+moved through shared memory once the handshake has proved that both ends
+share the shm directory.
 
 Like distributed's TLS comm, this is TCP with what differs changed: the comm
 class extends the handshake and wraps ``read``/``write``; the connector,
 listener and backend only swap the prefix and the comm class.
+
+distributed names used here beyond its documented comm API (pin the
+distributed range in setup.cfg): ``TCP``, ``TCPConnector``, ``TCPListener``,
+``BaseTCPBackend`` (to subclass), ``to_frames``/``from_frames`` and
+``OFFLOAD_THRESHOLD`` (``distributed.comm.utils``), ``host_array``
+(``distributed.protocol.utils``), ``offload``, ``nbytes`` and
+``ensure_memoryview`` (``distributed.utils``).  None starts with an
+underscore.
 """
 
 from __future__ import annotations
 
-import fcntl
+import asyncio
 import logging
-import mmap
+import os
 import pickle
-import struct
-import termios
-import threading
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import numpy as np
@@ -25,41 +30,27 @@ from distributed.comm.core import CommClosedError
 from distributed.comm.tcp import TCP, BaseTCPBackend, TCPConnector, TCPListener
 from distributed.comm.utils import OFFLOAD_THRESHOLD, from_frames, to_frames
 from distributed.protocol.serialize import Pickled, Serialize, Serialized, ToPickle
+from distributed.protocol.utils import host_array
 from distributed.sizeof import safe_sizeof
-from distributed.utils import nbytes, offload
+from distributed.utils import ensure_memoryview, nbytes, offload
 from tornado import gen
 
 from dask_shm import family, metrics, stats
+from dask_shm.buffers import Host, Inbox, Outbox, PeerBuffer
 from dask_shm.config import Settings, settings
-from dask_shm.pool import Pool, busy_probes, get_pool
-from dask_shm.segments import (
-    DescriptorError,
-    Owner,
-    SegmentMissing,
-    ShmDirectory,
-    ShmFull,
-    _quiet_sweep,
-    create_probe,
-    current_owner,
-    read_probe,
-    unmap_later,
-    warn_full_once,
-)
-from dask_shm.transfer import InFlight, Placed, assemble, place
+from dask_shm.descriptor import INLINE, decode, encode
+from dask_shm.errors import BufferMissing, DescriptorError, ShmFull
+from dask_shm.janitor import quiet_sweep
+from dask_shm.names import Owner, create_probe, current_owner, read_probe
 
 __all__ = ["SHM", "SHMConnector", "SHMListener", "SHMBackend", "Link"]
 
 logger = logging.getLogger(__name__)
 
 #: Version of the handshake and descriptor protocol; peers must agree.
-PROTOCOL = 1
-#: How long a gracefully closed comm leaves un-taken-over segments for the
-#: peer to read before unlinking them.
-CLOSE_GRACE = 10.0
-#: Delay before sweeping a vanished peer's segments (let it finish dying).
-PEER_SWEEP_DELAY = 1.0
-#: Large frames are never split into shards on the shared-memory path: a
-#: segment holds a whole buffer, so the receiver's view of it is one piece.
+PROTOCOL = 2
+#: Frames are never split into shards on the shared-memory path: the
+#: fragments of the packed stream do that job.
 NO_SPLIT = 2**62
 
 _unusable_warned = False
@@ -69,88 +60,107 @@ class Link:
     """What a comm negotiated: shared memory with a proven peer.
 
     It also travels to serialization families in the write ``context``
-    (key ``"dask-shm"``), so they can place buffers for this hop only.
+    (key ``"dask-shm"``), so the ``"shm"`` family knows the hop is shared.
     """
 
     def __init__(
         self,
-        directory: ShmDirectory,
+        host: Host,
         peer: Owner,
+        outbox: Outbox | None,
+        inbox: Inbox | None,
         relay: bool,
         conf: Settings,
-        forwarding: bool = False,
     ) -> None:
-        self.directory = directory
+        self.host = host
         self.peer = peer
+        #: Where our messages to the peer go (None: we have no buffer).
+        self.outbox = outbox
+        #: Where the peer's messages come from (None: it has no buffer).
+        self.inbox = inbox
         #: The peer does not deserialize (a scheduler): what it receives is
-        #: forwarded elsewhere, so serialization families must not describe
-        #: segments to it (the comm itself re-places frames at every hop).
+        #: forwarded elsewhere, so the "shm" family must not be used for it.
         self.relay = relay
-        #: This end is a relay (it does not deserialize what it reads).
-        self.forwarding = forwarding
         self.threshold = conf.threshold
-        self.cold_transfer = conf.cold_transfer
+        self.fragment_size = conf.fragment_size
         #: Serializers for writes that name none (``dask-shm.serializers``).
         self.serializers = conf.serializers
-        self.pool: Pool = get_pool(conf.pool_size, conf.pool_idle_timeout)
-        self.inflight = InFlight(directory)
         self.below_threshold = stats.Tally("below-threshold")
-        self._warm: list[int] = []
-        self._unmap: list[mmap.mmap] = []
+        #: Set while no message is being streamed on this comm: a message
+        #: must not start between the fragments of another.
+        self.idle = asyncio.Event()
+        self.idle.set()
         self._open = True
-        self.pool.link_opened()
 
     def close(self) -> None:
-        """The comm has ended (idempotent; see :meth:`Pool.link_closed`)."""
-        if self._open:
-            self._open = False
-            self.pool.link_closed()
-
-    def abandon(self) -> None:
-        """The comm was dropped without closing: end the link and take back
-        what it handed over that its peer never took."""
-        self.close()
-        self.inflight.discard()
-
-    def pop_warm(self) -> list[int]:
-        sizes, self._warm = self._warm, []
-        return sizes
-
-    def place(self, frames: list[Any]) -> Placed:
-        """Place ``frames`` for this hop (:func:`transfer.place` with this
-        link's settings), remember what went in flight, and defer the warm-ups
-        and unmaps until the comm has written the message.  Blocking: the
-        comm offloads it for large messages; serialization families call it
-        while the comm serializes."""
-        self.inflight.prune()
-        placed = place(
-            frames,
-            directory=self.directory,
-            pool=self.pool,
-            threshold=self.threshold,
-            cold_transfer=self.cold_transfer,
-            relay=self.forwarding,
-        )
-        self.inflight.add(placed.names)
-        self._warm.extend(placed.warm)
-        self._unmap.extend(placed.unmap)
-        return placed
-
-    @property
-    def deferred(self) -> bool:
-        """Whether a serialization family left work for after the write."""
-        return bool(self._warm or self._unmap)
-
-    def unmap_pending(self) -> None:
-        mappings, self._unmap = self._unmap, []
-        unmap_later(mappings)
+        """The comm has ended (idempotent)."""
+        if not self._open:
+            return
+        self._open = False
+        buffer = self.host.buffer
+        if self.outbox is not None and buffer is not None:
+            buffer.retire(self.outbox)
+        if self.inbox is not None:
+            self.inbox.close()
+            self.host.unpeer(self.inbox.peer)
+        if not self.peer.alive():  # killed with -9: its files are orphans now
+            quiet_sweep(self.host.directory, owner=self.peer)
+        self.host.release()
 
     def __repr__(self) -> str:
-        return f"<Link {self.directory.path} peer pid {self.peer.pid}>"
+        return f"<Link {self.host.path} peer pid {self.peer.pid}>"
 
 
-#: How many objects :func:`_reaches` looks at before asking ``sizeof``.
-_REACHES_BUDGET = 10_000
+class _Handshake:
+    """What this end created for a handshake under way: its probe and the
+    release pipe a peer would open.  Both names are unlinked when the
+    handshake ends, whichever way."""
+
+    def __init__(self, host: Host, conf: Settings) -> None:
+        self.host = host
+        self.conf = conf
+        self.probe, self.token = create_probe(host.directory)
+        self.pipe: str | None = None
+        self.pipe_fd = -1
+        self.finalizer: weakref.finalize[Any, Any] | None = None
+        self._done = False
+        if host.buffer is not None:
+            try:
+                self.pipe, self.pipe_fd = host.new_pipe()
+            except BaseException:
+                host.directory.unlink(self.probe)
+                raise
+
+    def unlink(self) -> None:
+        """Remove the names (the pipe's read end stays open).  Lock-free: a
+        finalizer may call it."""
+        self.host.directory.unlink(self.probe)
+        if self.pipe is not None:
+            self.host.directory.unlink(self.pipe)
+
+    def take_pipe(self) -> int:
+        fd, self.pipe_fd = self.pipe_fd, -1
+        return fd
+
+    def end(self) -> None:
+        """The handshake is over (its outcome now owns the host's use)."""
+        self._done = True
+        if self.finalizer is not None:
+            self.finalizer.detach()
+        self.unlink()
+
+    def abandon(self, *, from_finalizer: bool = False) -> None:
+        """The handshake failed or fell back to TCP: remove everything."""
+        if self._done and from_finalizer:
+            return
+        self.end()
+        fd = self.take_pipe()
+        if fd >= 0:
+            os.close(fd)
+        if from_finalizer:
+            _later(self.host.release)
+        else:
+            self.host.release()
 
 
 def _reaches(msg: Any, threshold: int) -> bool:
@@ -158,20 +168,19 @@ def _reaches(msg: Any, threshold: int) -> bool:
     sends it through shared memory or straight to TCP.
 
     The common containers and buffers are measured directly, anything else
-    with Dask's ``sizeof``.  It runs for every message on every shared-memory
-    comm: ``safe_sizeof`` of a small ``{"x": to_serialize(array)}`` costs
-    ~12 us here, a measurable share of a 0.45 ms round trip; this costs ~1 us
-    (0.1 us for bytes).
+    with Dask's ``sizeof``: this runs for every message on every linked comm,
+    and ``safe_sizeof`` of a small ``{"x": to_serialize(array)}`` costs
+    ~12 us, a measurable share of a 0.45 ms round trip; this ~1 us.
     """
     t = type(msg)
     if t is bytes or t is str:
         return len(msg) >= threshold
     total = 0
     stack = [msg]
-    budget = _REACHES_BUDGET
+    budget = 10_000  # objects looked at before estimating the rest whole
     while stack:
         budget -= 1
-        if not budget:  # a huge message: estimate it whole
+        if not budget:
             return safe_sizeof(msg, default_size=0) >= threshold
         x = stack.pop()
         t = type(x)
@@ -206,7 +215,8 @@ _SCALARS = frozenset((int, float, bool, type(None)))
 
 
 class _Envelope:
-    """A message whose frames partly live in shared memory (see :class:`SHM`)."""
+    """A message sent our way: a descriptor (None: every frame is inline)
+    and the inline frames, which TCP sends out of band, without copying."""
 
     __slots__ = ("descriptor", "frames")
 
@@ -223,14 +233,57 @@ class _Envelope:
         return Pickled({"pickled-obj": pik}, out)
 
 
-def _local_directory() -> tuple[Settings, ShmDirectory | None]:
-    """Settings, and the shm directory if this process may use it."""
+class _Cursor:
+    """Consecutive byte ranges across a list of buffers: the sender's frames
+    (it takes pieces to copy in) or the receiver's (it fills them)."""
+
+    def __init__(self, buffers: list[Any]) -> None:
+        self.buffers = buffers
+        self.remaining = sum(b.nbytes for b in buffers)
+        self._i = 0
+        self._pos = 0
+
+    def take(self, n: int) -> list[Any]:
+        """The next ``n`` bytes, as slices of the buffers."""
+        out = []
+        self.remaining -= n
+        while n:
+            buf = self.buffers[self._i]
+            k = min(n, buf.nbytes - self._pos)
+            out.append(buf[self._pos : self._pos + k])
+            n -= k
+            self._pos += k
+            if self._pos == buf.nbytes:
+                self._i += 1
+                self._pos = 0
+        return out
+
+
+def _spread(src: np.ndarray, into: list[np.ndarray]) -> None:
+    """Copy ``src`` into consecutive pieces ``into``."""
+    pos = 0
+    for dst in into:
+        np.copyto(dst, src[pos : pos + dst.nbytes])
+        pos += dst.nbytes
+
+
+def _offloads(allow: bool, nbytes: int) -> bool:
+    """Whether to copy ``nbytes`` off the event loop: as ``TCP`` decides for
+    (de)serialization (``distributed.comm.offload``, false disables it)."""
+    return bool(allow and OFFLOAD_THRESHOLD and nbytes > OFFLOAD_THRESHOLD)
+
+
+def _local_host() -> tuple[Settings, Host | None, str | None]:
+    """Settings, this process's host if it may use shared memory, and why
+    not (a fallback counter name) otherwise."""
     global _unusable_warned
     conf = settings()
     metrics.ensure_registered()
     if not conf.enabled:
-        return conf, None
-    reason = ShmDirectory.unusable_reason(conf.directory)
+        return conf, None, "fallback-disabled"
+    from dask_shm.names import Directory
+
+    reason = Directory.unusable_reason(conf.directory)
     if reason is not None:
         if not _unusable_warned:
             _unusable_warned = True
@@ -239,117 +292,156 @@ def _local_directory() -> tuple[Settings, ShmDirectory | None]:
                 "Set dask-shm.directory to a writable tmpfs to enable it.",
                 reason,
             )
-        return conf, None
-    return conf, ShmDirectory.get(conf.directory)
+        return conf, None, "fallback-disabled"
+    try:
+        return conf, Host.acquire(conf.directory, conf.buffer_size), None
+    except OSError as e:
+        logger.warning("dask-shm: cannot use %s (%s); using TCP", conf.directory, e)
+        return conf, None, "fallback-probe-failed"
 
 
 class SHM(TCP):
-    """A TCP comm that moves large frames through shared memory.
+    """A TCP comm that moves large messages through shared memory.
 
     Notes
     -----
-    **Handshake.**  ``handshake_info`` adds ``"dask-shm": {"version", "probe",
-    "owner", "relay"}``: ``probe`` names a fresh file in the shm directory
-    holding a random token, ``owner`` is this process's (pid, start time, pid
-    namespace).  If both peers sent the key with the same version, each reads
-    the other's probe and both exchange one extra message
-    ``{"dask-shm-echo": token-or-None}``.  Shared memory is used only if each
-    side read the other's token: that proves a shared directory, the same
-    user and the same host, whatever the IP addresses say.  Otherwise, or if
-    the peer is a plain TCP comm, nothing more is exchanged and the comm is
-    TCP byte for byte.
+    **Handshake.**  ``handshake_info`` adds ``"dask-shm": {"version",
+    "probe", "owner", "relay", "buffer", "size", "release"}``: ``probe``
+    names a fresh file in the shm directory holding a random token, ``owner``
+    is this process's (pid, start time, pid namespace), ``buffer`` and
+    ``size`` its shared buffer (see :mod:`dask_shm.buffers`), ``release``
+    the FIFO through which the peer will release regions of it.  If both
+    peers sent the key with the same version, each reads the other's probe,
+    opens the other's buffer and release pipe, and both exchange one extra
+    message ``{"dask-shm-echo": token-or-None}``.  Shared memory is used only
+    if each side read the other's token: that proves a shared directory, the
+    same user and the same host, whatever the IP addresses say.  Otherwise,
+    or if the peer is a plain TCP comm, nothing more is exchanged and the
+    comm is TCP byte for byte.
 
-    **Messages.**  After a successful handshake, a message that might hold a
-    frame of ``dask-shm.threshold`` bytes or more is serialized here (without
-    sharding); each such frame is copied into its own pre-faulted segment and
-    the message is written as a ``Pickled`` envelope: the descriptor (see
-    :mod:`dask_shm.descriptor`) in-band and the remaining frames out-of-band,
-    so TCP sends them without copying.  The receiver validates the
-    descriptor, takes each segment over by renaming it, maps it, and
-    deserializes the frames zero-copy.  All other messages are plain TCP.
+    **Messages.**  After a successful handshake, a message that may reach
+    ``dask-shm.threshold`` bytes is serialized here, without sharding.  If
+    its frames do reach the threshold, they are packed one after the other
+    and copied into regions of this process's buffer, ``fragment-size`` at a
+    time; each TCP message is a ``Pickled`` envelope holding a descriptor
+    (:mod:`dask_shm.descriptor`) of the fragments placed so far.  The first
+    is sent as soon as one fragment is placed, so the receiver starts
+    copying out while the sender copies in; the rest follow as room is
+    released.  A fragment that finds no room, while none of this message's
+    fragments is in flight to be released, travels inline instead.  The
+    receiver validates each descriptor before reading, copies each region
+    into frames allocated as ``TCP.read`` allocates them and releases it.
+    All other messages are plain TCP.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: (directory, probe name, token, settings) between handshake_info and
-        #: the end of the handshake.
-        self._probe: tuple[ShmDirectory, str, str, Settings] | None = None
+        self._handshake: _Handshake | None = None
         self._link: Link | None = None
         #: Messages written as plain TCP, counted as fallback-<why> once the
-        #: handshake said why: "disabled" (by configuration, or the directory
-        #: is unusable), "plain-peer" (the peer is tcp:// or an older
-        #: dask-shm), "no-probe" (another host, user or directory),
-        #: "probe-failed" (ours could not be created: a full directory).
+        #: handshake said why (see :mod:`dask_shm.stats`).
         self._plain: stats.Tally | None = None
 
     # -- handshake -----------------------------------------------------------
 
     def handshake_info(self) -> dict[str, Any]:
         info = super().handshake_info()
-        conf, directory = _local_directory()
-        if directory is not None:
+        conf, host, why = _local_host()
+        if host is not None:
             try:
-                name, token = create_probe(directory)
-            except OSError as e:  # no room even for a probe, say: this comm is TCP
+                self._handshake = hs = _Handshake(host, conf)
+            except OSError as e:  # no room even for a probe: this comm is TCP
                 if isinstance(e, ShmFull):
-                    warn_full_once(e)
+                    from dask_shm.buffers import _warn_full_once
+
+                    _warn_full_once(e)
                 else:
                     logger.warning("dask-shm: cannot create a handshake probe (%s); using TCP", e)
-                directory = None
-                self._plain = stats.Tally("fallback-probe-failed")
-        if directory is None:
-            if self._plain is None:
-                self._plain = stats.Tally("fallback-disabled")
-        else:
-            self._probe = (directory, name, token, conf)
-            # distributed does not close a comm whose handshake failed (the
-            # peer died, the connect timed out): the probe must not outlive
-            # this object.  The read/write paths below remove it sooner.
-            weakref.finalize(self, directory.unlink, name)
-            info["dask-shm"] = {
-                "version": PROTOCOL,
-                "probe": name,
-                "owner": current_owner().as_tuple(),
-                "relay": not self.deserialize,
-            }
+                host.release()
+                why = "fallback-probe-failed"
+        if self._handshake is None:
+            self._plain = stats.Tally(why or "fallback-disabled")
+            return info
+        # distributed does not close a comm whose handshake failed: nothing
+        # of the handshake may outlive this object.
+        hs.finalizer = weakref.finalize(self, hs.abandon, from_finalizer=True)
+        info["dask-shm"] = {
+            "version": PROTOCOL,
+            "probe": hs.probe,
+            "owner": current_owner().as_tuple(),
+            "relay": not self.deserialize,
+            "buffer": None if host.buffer is None else host.buffer.name,
+            "size": conf.buffer_size,
+            "release": hs.pipe,
+        }
         return info
 
     async def _negotiate(self, remote: Any) -> None:
-        assert self._probe is not None
-        directory, probe, token, conf = self._probe
+        hs = self._handshake
+        assert hs is not None
+        host = hs.host
+        inbox: Inbox | None = None
         try:
             theirs = remote.get("dask-shm") if isinstance(remote, dict) else None
             if not isinstance(theirs, dict) or theirs.get("version") != PROTOCOL:
                 stats.count("handshake-plain")
                 self._plain = stats.Tally("fallback-plain-peer")
+                hs.abandon()
                 return
             try:
-                peer = Owner(*map(int, theirs["owner"]))
-                their_token = read_probe(directory, theirs["probe"], peer)
-            except (KeyError, TypeError, ValueError):
+                peer: Owner | None = Owner(*map(int, theirs["owner"]))
+                assert peer is not None
+                their_token = read_probe(host.directory, theirs["probe"], peer)
+                if their_token is not None and theirs.get("buffer") is not None:
+                    inbox = self._open_inbox(host, peer, theirs)
+            except (KeyError, TypeError, ValueError, OSError) as e:
+                logger.debug("%s: peer's shared memory unusable: %s", self, e)
                 peer, their_token = None, None
             await super().write({"dask-shm-echo": their_token})
             echo = await super().read()
+        except BaseException:
+            hs.abandon()
+            if inbox is not None:
+                inbox.close()
+                host.unpeer(inbox.peer)
+            raise
         finally:
-            directory.unlink(probe)
-            self._probe = None
-        ok = (
+            hs.end()  # the peer has opened what it needed by now
+            self._handshake = None
+        if not (
             peer is not None
             and their_token is not None
             and isinstance(echo, dict)
-            and echo.get("dask-shm-echo") == token
-        )
-        if not ok or peer is None:
+            and echo.get("dask-shm-echo") == hs.token
+        ):
             stats.count("handshake-no-probe")
             self._plain = stats.Tally("fallback-no-probe")
-            logger.debug("%s: peer does not share %s; using TCP", self, directory.path)
+            logger.debug("%s: peer does not share %s; using TCP", self, host.path)
+            if inbox is not None:
+                inbox.close()
+                host.unpeer(inbox.peer)
+            hs.abandon()
             return
-        self._link = link = Link(
-            directory, peer, bool(theirs.get("relay")), conf, forwarding=not self.deserialize
-        )
+        pipe = hs.take_pipe()
+        buffer = await offload(host.fill) if host.buffer is not None else None
+        outbox = None
+        if pipe >= 0:
+            if buffer is not None:
+                outbox = buffer.attach(pipe)
+            else:
+                os.close(pipe)
+        self._link = link = Link(host, peer, outbox, inbox, bool(theirs.get("relay")), hs.conf)
         stats.count("handshake-shm")
-        _linked.add(self)
-        weakref.finalize(self, link.abandon)
+        weakref.finalize(self, _close_later, link)
+
+    @staticmethod
+    def _open_inbox(host: Host, peer: Owner, theirs: dict[str, Any]) -> Inbox:
+        buffer: PeerBuffer = host.peer(theirs["buffer"], peer, theirs.get("size"))
+        try:
+            return Inbox(buffer, host.directory, theirs.get("release"), peer)
+        except BaseException:
+            host.unpeer(buffer)
+            raise
 
     # A staticmethod in Comm; distributed calls it on the instance, and the
     # outcome of this comm's negotiation is instance state.
@@ -371,104 +463,114 @@ class SHM(TCP):
 
     # ``write`` and ``read`` are plain methods returning TCP's coroutine
     # wherever nothing of ours runs after the bytes move: every message pays
-    # for an extra coroutine frame otherwise (a few percent of a small
-    # message's round trip).
+    # for an extra coroutine frame otherwise.
 
     def write(  # type: ignore[override]
         self, msg: Any, serializers: Any = None, on_error: str = "message"
     ) -> Coroutine[Any, Any, int]:
         link = self._link
         if link is None:
-            if self._probe is not None:
+            if self._handshake is not None:
                 return self._write_handshake(msg, serializers, on_error)
             if self._plain is not None:
                 self._plain.n += 1
             return super().write(msg, serializers, on_error)
+        if not link.idle.is_set():
+            return self._write_when_idle(link, msg, serializers, on_error)
         if serializers is None:
             serializers = link.serializers
-        if _reaches(msg, link.threshold):
-            return self._write_large(link, msg, serializers, on_error)
+        if (serializers is not None and family.NAME in serializers) or _reaches(
+            msg, link.threshold
+        ):
+            return self._write_link(link, msg, serializers, on_error)
         link.below_threshold.n += 1
-        if serializers is not None and family.NAME in serializers:
-            return self._write_small(link, msg, serializers, on_error)
         return super().write(msg, serializers, on_error)
+
+    async def _write_when_idle(self, link: Link, msg: Any, serializers: Any, on_error: str) -> int:
+        await link.idle.wait()
+        return await self.write(msg, serializers, on_error)
 
     async def _write_handshake(self, msg: Any, serializers: Any, on_error: str) -> int:
         try:
             return await super().write(msg, serializers, on_error)
         except BaseException:
-            self._drop_probe()
+            self._drop_handshake()
             raise
 
-    async def _write_small(self, link: Link, msg: Any, serializers: Any, on_error: str) -> int:
-        """A message sent as plain TCP whose serialization may still place
-        buffers through the "shm" family."""
+    async def _write_link(self, link: Link, msg: Any, serializers: Any, on_error: str) -> int:
+        link.idle.clear()
         try:
-            return await super().write(msg, serializers, on_error)
-        finally:
-            if link.deferred:
-                link.unmap_pending()
-                self._warm_after_flush(link, link.pop_warm())
-
-    async def _write_large(self, link: Link, msg: Any, serializers: Any, on_error: str) -> int:
-        frames = await to_frames(
-            msg,
-            allow_offload=self.allow_offload,
-            serializers=serializers,
-            on_error=on_error,
-            context={
-                "sender": self.local_info,
-                "recipient": self.remote_info,
-                **self.handshake_options,
-            },
-            frame_split_size=NO_SPLIT,
-        )
-        total = sum(map(nbytes, frames))
-        link.pool.note_activity()  # warm-ups that create pages yield to this
-        if total > OFFLOAD_THRESHOLD:
-            placed = await offload(link.place, frames)
-        else:
-            placed = link.place(frames)
-        if placed.descriptor is None:
-            stats.count("tcp-messages")
-            stats.count("tcp-bytes", total)
-        else:
+            frames = await to_frames(
+                msg,
+                allow_offload=self.allow_offload,
+                serializers=serializers,
+                on_error=on_error,
+                context={
+                    "sender": self.local_info,
+                    "recipient": self.remote_info,
+                    **self.handshake_options,
+                },
+                frame_split_size=NO_SPLIT,
+            )
+            views = [ensure_memoryview(f) for f in frames]
+            total = sum(v.nbytes for v in views)
+            if total < link.threshold or link.outbox is None:
+                stats.count("tcp-messages")
+                stats.count("tcp-bytes", total)
+                return await super().write(_Envelope(None, *views).pickled(), on_error="raise")
+            await self._stream(link, views, total)
             stats.count("shm-messages")
-            stats.count("shm-bytes", placed.nbytes)
-        envelope = _Envelope(placed.descriptor, *placed.inline)
-        try:
-            n = await super().write(envelope.pickled(), on_error="raise")
-        except BaseException:
-            link.inflight.discard()
-            raise
+            return total
         finally:
-            link.unmap_pending()
-            link.pool.note_activity()
-        self._warm_after_flush(link, link.pop_warm())
-        return n + placed.nbytes
+            link.idle.set()
 
-    def _warm_after_flush(self, link: Link, sizes: list[int]) -> None:
-        """Warm the pool once this message has left: TCP.write returns with
-        the bytes still queued, and a 400 MB cold transfer takes a while to
-        drain; warming meanwhile would compete with it for CPU and memory
-        bandwidth."""
-        if not sizes:
-            return
+    async def _stream(self, link: Link, views: list[memoryview], total: int) -> None:
+        """Send ``views`` through the buffer (see the class Notes)."""
+        outbox = link.outbox
+        buffer = link.host.buffer
+        assert outbox is not None and buffer is not None
+        source = _Cursor(views)
+        lengths: list[int] | None = [v.nbytes for v in views]
+        while source.remaining:
+            fragments: list[tuple[int, int]] = []
+            inline: list[memoryview] = []
+            while source.remaining and (lengths is None or not fragments):
+                n = min(link.fragment_size, source.remaining)
+                offset = buffer.place(outbox, n)
+                if offset is None:
+                    break
+                pieces = source.take(n)
+                if _offloads(self.allow_offload, n):
+                    await offload(buffer.write, offset, pieces)
+                else:
+                    buffer.write(offset, pieces)
+                fragments.append((offset, n))
+                stats.count("shm-bytes", n)
+            if not fragments:
+                if outbox.inflight and not outbox.closed:
+                    await self._released(outbox)
+                    continue
+                # No room, and nothing of ours to wait for: TCP carries it.
+                for piece in source.take(min(link.fragment_size, source.remaining)):
+                    fragments.append((INLINE, piece.nbytes))
+                    inline.append(piece)
+                stats.count("fallback-busy")
+            envelope = _Envelope(encode(lengths, fragments), *inline)
+            await super().write(envelope.pickled(), on_error="raise")
+            lengths = None
 
-        def warm(fut: Any = None) -> None:
-            if fut is not None:
-                fut.exception()  # closed meanwhile: warm anyway, harmlessly
-            for size in sizes:
-                link.pool.warm(link.directory, size)
-
-        stream = self.stream
-        if stream is None or not stream.writing():
-            warm()
-        else:
-            stream.write(b"").add_done_callback(warm)
+    async def _released(self, outbox: Outbox) -> None:
+        """Wait until the peer releases a region (or its end closes)."""
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        loop.add_reader(outbox.fd, lambda: ready.done() or ready.set_result(None))
+        try:
+            await ready
+        finally:
+            loop.remove_reader(outbox.fd)
 
     def read(self, deserializers: Any = None) -> Coroutine[Any, Any, Any]:  # type: ignore[override]
-        if self._probe is not None:
+        if self._handshake is not None:
             return self._read_handshake(deserializers)
         if self._link is None:
             return super().read(deserializers)
@@ -479,78 +581,84 @@ class SHM(TCP):
         try:
             msg = await super().read(deserializers)
         except BaseException:
-            self._drop_probe()
+            self._drop_handshake()
             raise
         await self._negotiate(msg)
         return msg
 
     async def _read_link(self, link: Link, deserializers: Any) -> Any:
+        msg = await super().read(deserializers)
+        if type(msg) is not _Envelope:
+            return msg
         try:
-            msg = await super().read(deserializers)
-            if type(msg) is not _Envelope:
-                return msg
-            return await self._open_envelope(link, msg, deserializers)
-        except CommClosedError:
-            self._sweep_peer_later()
-            raise
-        except (DescriptorError, SegmentMissing) as e:
-            # From the comm's descriptor or a serialization family's header.
-            self.abort()
-            raise CommClosedError(f"in {self}: {e}") from e
-
-    async def _open_envelope(self, link: Link, msg: _Envelope, deserializers: Any) -> Any:
-        link.pool.note_activity()
-        frames = msg.frames
-        if msg.descriptor is not None:
-            frames = assemble(
-                msg.descriptor,
-                frames,
-                directory=link.directory,
-                owner=link.peer,
-                pool=link.pool,
-                relay=not self.deserialize,
-            )
-        try:
+            frames = msg.frames if msg.descriptor is None else await self._receive(link, msg)
             return await from_frames(
                 frames,
                 deserialize=self.deserialize,
                 deserializers=deserializers,
                 allow_offload=self.allow_offload,
             )
+        except (DescriptorError, BufferMissing) as e:
+            # From our descriptor or from the "shm" family's header.
+            self.abort()
+            raise CommClosedError(f"in {self}: {e}") from e
         except EOFError as e:
             self.abort()
             raise CommClosedError(f"in {self}: aborted stream on truncated data") from e
 
+    async def _receive(self, link: Link, envelope: _Envelope) -> list[memoryview]:
+        """Copy a message's fragments out of the peer's buffer into frames
+        allocated as ``TCP.read`` allocates them, releasing each region."""
+        inbox = link.inbox
+        if inbox is None:
+            raise DescriptorError("a descriptor arrived, but the peer announced no buffer")
+        lengths, fragments = decode(
+            envelope.descriptor,
+            first=True,
+            buffer_size=inbox.peer.size,
+            remaining=None,
+            inline=[nbytes(f) for f in envelope.frames],
+        )
+        assert lengths is not None
+        frames = [host_array(n) for n in lengths]
+        sink = _Cursor([np.frombuffer(f, dtype=np.uint8) for f in frames])
+        while True:
+            inline = iter(envelope.frames)
+            for offset, n in fragments:
+                into = sink.take(n)
+                if offset == INLINE:
+                    _spread(np.frombuffer(next(inline), dtype=np.uint8), into)
+                    continue
+                if self.closed():
+                    raise CommClosedError(f"in {self}: closed while receiving")
+                if _offloads(self.allow_offload, n):
+                    await offload(inbox.copy, offset, n, into)
+                else:
+                    inbox.copy(offset, n, into)
+            if not sink.remaining:
+                return frames
+            envelope = await super().read()
+            if type(envelope) is not _Envelope or envelope.descriptor is None:
+                raise DescriptorError("expected the rest of a message, got another message")
+            _, fragments = decode(
+                envelope.descriptor,
+                first=False,
+                buffer_size=inbox.peer.size,
+                remaining=sink.remaining,
+                inline=[nbytes(f) for f in envelope.frames],
+            )
+
     # -- ending ----------------------------------------------------------------
 
-    def _drop_probe(self) -> None:
-        if self._probe is not None:
-            directory, probe, _, _ = self._probe
-            directory.unlink(probe)
-            self._probe = None
+    def _drop_handshake(self) -> None:
+        if self._handshake is not None:
+            self._handshake.abandon()
+            self._handshake = None
 
-    def _release(self, grace: float) -> None:
-        self._drop_probe()
-        link = self._link
-        if link is not None:
-            link.unmap_pending()
-            link.close()
-        if link is not None and len(link.inflight):
-            if grace > 0:
-                timer = threading.Timer(grace, link.inflight.discard)
-                timer.daemon = True
-                timer.start()
-            else:
-                link.inflight.discard()
-
-    def _sweep_peer_later(self) -> None:
-        link = self._link
-        if link is not None:
-            timer = threading.Timer(
-                PEER_SWEEP_DELAY, _quiet_sweep, (link.directory,), {"owner": link.peer}
-            )
-            timer.daemon = True
-            timer.start()
+    def _release(self) -> None:
+        self._drop_handshake()
+        if self._link is not None:
+            self._link.close()
 
     @gen.coroutine
     def close(self):  # type: ignore[no-untyped-def]
@@ -558,46 +666,31 @@ class SHM(TCP):
         try:
             yield super().close()
         finally:
-            self._release(CLOSE_GRACE)
+            self._release()
 
     def abort(self) -> None:
         super().abort()
-        self._release(0)
+        self._release()
 
 
-#: Comms of this process with a shared-memory link (see :func:`_moving_bytes`).
-_linked: weakref.WeakSet[SHM] = weakref.WeakSet()
-#: Bytes queued in a socket that mean a large message is on its way.
-BUSY_QUEUE = 256 * 1024
-
-
-def _moving_bytes() -> bool:
-    """Whether a linked comm of this process has a large message in flight
-    over TCP (a cold transfer): at least ``BUSY_QUEUE`` bytes queued in its
-    socket, either way.  A busy probe of the pool (see ``Pool.busy``), run
-    in its threads: a closed socket is skipped, and a race with the event
-    loop can only make it say "busy" once too often or too rarely."""
+def _later(release: Callable[[], None]) -> None:
+    """Run ``release`` soon, from a finalizer: it takes locks, and the
+    garbage collector may run a finalizer while this thread holds one.
+    Handed to the running event loop (a lock-free hand-off), else left for
+    the next :class:`Host` operation."""
     try:
-        comms = list(_linked)
-    except RuntimeError:  # the set changed while copied
-        return True
-    for comm in comms:
-        stream = comm.stream
-        sock = None if stream is None else stream.socket
-        fd = -1 if sock is None else sock.fileno()
-        if fd < 0:
-            continue
-        for request in (termios.FIONREAD, termios.TIOCOUTQ):
-            try:
-                queued = struct.unpack("i", fcntl.ioctl(fd, request, b"\0\0\0\0"))[0]
-            except OSError:
-                break
-            if queued >= BUSY_QUEUE:
-                return True
-    return False
+        asyncio.get_running_loop().call_soon_threadsafe(release)
+    except RuntimeError:
+        Host.defer(release)
 
 
-busy_probes.append(_moving_bytes)
+def _close_later(link: Link) -> None:
+    """A linked comm was dropped without closing (a finalizer)."""
+    if link.inbox is not None:
+        # No copy can be under way: the coroutine doing it would hold the comm.
+        link.inbox.closed = True
+        link.inbox._close_pipe()
+    _later(link.close)
 
 
 class SHMConnector(TCPConnector):

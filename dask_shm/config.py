@@ -50,9 +50,8 @@ class Settings:
     enabled: bool
     directory: str
     threshold: int
-    pool_size: int
-    pool_idle_timeout: float
-    cold_transfer: str
+    buffer_size: int
+    fragment_size: int
     #: Serialization families for ``shm://`` writes that name none, or None
     #: to leave distributed's defaults alone.
     serializers: tuple[str, ...] | None
@@ -132,23 +131,11 @@ def settings() -> Settings:
     ):
         raise _bad("directory", directory, "an existing directory, normally /dev/shm")
 
-    try:
-        idle = parse_timedelta(cfg["pool-idle-timeout"], default="seconds")
-    except (ValueError, TypeError, KeyError):
-        idle = None
-    if idle is None or idle < 0:
-        raise _bad("pool-idle-timeout", cfg["pool-idle-timeout"], 'a duration such as "30s"')
-
-    cold = cfg["cold-transfer"]
-    if cold not in COLD_TRANSFER_CHOICES:
-        raise _bad("cold-transfer", cold, " or ".join(map(repr, COLD_TRANSFER_CHOICES)))
-
     return Settings(
         enabled=_bool("enabled", cfg["enabled"]),
         directory=directory,
         threshold=_nbytes("threshold", cfg["threshold"]),
-        pool_size=_nbytes("pool-size", cfg["pool-size"]),
-        pool_idle_timeout=float(idle),
-        cold_transfer=cold,
+        buffer_size=_nbytes("buffer-size", cfg["buffer-size"]),
+        fragment_size=max(_nbytes("fragment-size", cfg["fragment-size"]), 64 * 1024),
         serializers=_serializers(cfg["serializers"]),
     )

@@ -1,108 +1,131 @@
-"""The descriptor codec: which frames of a message live in which segments.
+"""The descriptor codec: where a message's bytes are.
 
-Pure functions, no I/O: a descriptor is validated completely here before the
-receiver opens or maps anything.
+Pure functions, no I/O: a descriptor is validated completely here, before
+the receiver reads anything it names.
 
-Layout (version 1, little-endian)::
+A message that travels through shared memory is one packed stream of bytes,
+its frames one after the other.  The stream is cut into *fragments*; each
+fragment is either a region of the sender's buffer or an inline frame sent
+over TCP beside the descriptor (when the buffer had no room).  The first
+descriptor of a message gives the frame lengths; a message larger than the
+room in the buffer continues with further descriptors, each listing the next
+fragments, until the stream is complete.
 
-    b"DSHM"  version:u8  flags:u8  nframes:u32  nplaced:u32
-    nplaced times:
-        index:u32  offset:u64  length:u64  namelen:u8  name:namelen ASCII bytes
+Layout (version 2, little-endian)::
 
-``nframes`` counts every frame of the message; the ``nframes - nplaced``
-frames not listed travel inline over TCP, in order.  Indices are strictly
-increasing; ``name`` is a data segment owned by the sending peer.
+    b"DSHM"  version:u8  flags:u8  nframes:u32  nfrags:u32
+    nframes times (first descriptor only, flags & FIRST):  length:u64
+    nfrags times:                                          offset:u64  length:u64
+
+An ``offset`` of ``INLINE`` means the fragment's bytes are the next inline
+frame, in order.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from dask_shm.segments import DescriptorError, Owner, check_name
+from dask_shm.errors import DescriptorError
 
-__all__ = ["Placement", "encode", "decode", "MAGIC", "VERSION"]
+__all__ = ["encode", "decode", "INLINE", "MAGIC", "VERSION", "MAX_FRAMES"]
 
 MAGIC = b"DSHM"
-VERSION = 1
+VERSION = 2
+FIRST = 1
+INLINE = 2**64 - 1
 _HEAD = struct.Struct("<4sBBII")
-_ENTRY = struct.Struct("<IQQB")
-#: Offsets and lengths beyond this are nonsense (and would overflow sums).
-MAX_EXTENT = 2**62
-#: A descriptor is small; refuse to parse anything absurdly large.
-MAX_DESCRIPTOR = 1 << 20
+#: Limits that keep a hostile descriptor from costing memory or time.
+MAX_FRAMES = 1 << 20
+MAX_FRAGMENTS = 1 << 20
+MAX_TOTAL = 1 << 48
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Frame ``index`` of a message is ``length`` bytes at ``offset`` in ``name``."""
-
-    index: int
-    name: str
-    offset: int
-    length: int
-
-
-def encode(nframes: int, placements: Sequence[Placement]) -> bytes:
-    """The descriptor of a message of ``nframes`` frames with ``placements``."""
-    parts = [_HEAD.pack(MAGIC, VERSION, 0, nframes, len(placements))]
-    for p in placements:
-        name = p.name.encode("ascii")
-        parts.append(_ENTRY.pack(p.index, p.offset, p.length, len(name)))
-        parts.append(name)
-    return b"".join(parts)
+def encode(lengths: Sequence[int] | None, fragments: Sequence[tuple[int, int]]) -> bytes:
+    """A descriptor: the message's frame ``lengths`` (first descriptor of a
+    message only) and its next ``fragments``, as (offset or INLINE, length)."""
+    nframes = 0 if lengths is None else len(lengths)
+    flags = 0 if lengths is None else FIRST
+    head = _HEAD.pack(MAGIC, VERSION, flags, nframes, len(fragments))
+    body = struct.pack(f"<{nframes}Q{2 * len(fragments)}Q", *(lengths or ()), *(
+        x for frag in fragments for x in frag))
+    return head + body
 
 
-def decode(data: bytes | memoryview, *, ninline: int, owner: Owner) -> list[Placement]:
-    """Parse and validate a descriptor received from the peer ``owner``.
+def decode(
+    data: object,
+    *,
+    first: bool,
+    buffer_size: int,
+    remaining: int | None,
+    inline: Sequence[int],
+) -> tuple[list[int] | None, list[tuple[int, int]]]:
+    """Parse and validate a descriptor from a peer.
 
-    ``ninline`` is the number of frames that arrived inline with it.
+    Parameters
+    ----------
+    first
+        Whether this starts a message (it must then carry frame lengths).
+    buffer_size
+        The size of the sender's buffer: every region must lie inside it.
+    remaining
+        Bytes of the message still expected (None for a first descriptor:
+        then the frame lengths say).
+    inline
+        Lengths of the inline frames that arrived with the descriptor.
+
+    Returns
+    -------
+    (lengths, fragments): ``lengths`` is None unless ``first``.
 
     Raises
     ------
     DescriptorError
-        Naming the first problem found; nothing has been opened.
+        Naming the first problem found.
     """
-    data = bytes(data[: MAX_DESCRIPTOR + 1])
-    if len(data) > MAX_DESCRIPTOR:
-        raise DescriptorError(f"descriptor larger than {MAX_DESCRIPTOR} bytes")
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DescriptorError(f"descriptor is a {type(data).__name__}, not bytes")
+    data = bytes(data)
     if len(data) < _HEAD.size:
         raise DescriptorError(f"descriptor truncated ({len(data)} bytes)")
-    magic, version, _flags, nframes, nplaced = _HEAD.unpack_from(data)
+    magic, version, flags, nframes, nfrags = _HEAD.unpack_from(data)
     if magic != MAGIC:
         raise DescriptorError(f"descriptor has bad magic {magic!r}")
     if version != VERSION:
         raise DescriptorError(f"descriptor version {version} is not {VERSION}")
-    if nplaced == 0 or nframes != ninline + nplaced:
+    if bool(flags & FIRST) != first or flags & ~FIRST:
+        what = "the start of a message" if first else "the rest of a message"
+        raise DescriptorError(f"descriptor flags {flags:#x}: expected {what}")
+    if not 0 < nfrags <= MAX_FRAGMENTS or nframes > MAX_FRAMES or (first and nframes == 0):
+        raise DescriptorError(f"descriptor lists {nframes} frames and {nfrags} fragments")
+    if len(data) != _HEAD.size + 8 * (nframes + 2 * nfrags):
         raise DescriptorError(
-            f"descriptor places {nplaced} of {nframes} frames but {ninline} arrived inline"
+            f"descriptor of {len(data)} bytes does not hold {nframes} frames "
+            f"and {nfrags} fragments"
         )
-    out: list[Placement] = []
-    pos = _HEAD.size
-    last = -1
-    for _ in range(nplaced):
-        if pos + _ENTRY.size > len(data):
-            raise DescriptorError("descriptor truncated inside an entry")
-        index, offset, length, namelen = _ENTRY.unpack_from(data, pos)
-        pos += _ENTRY.size
-        raw = data[pos : pos + namelen]
-        pos += namelen
-        if len(raw) != namelen:
-            raise DescriptorError("descriptor truncated inside a name")
-        if not last < index < nframes:
+    values = struct.unpack_from(f"<{nframes + 2 * nfrags}Q", data, _HEAD.size)
+    lengths = list(values[:nframes]) if first else None
+    if lengths is not None:
+        remaining = sum(lengths)
+        if remaining > MAX_TOTAL:
+            raise DescriptorError(f"message of {remaining} bytes is implausible")
+    assert remaining is not None
+    fragments = list(zip(values[nframes::2], values[nframes + 1 :: 2]))
+    inline_left = list(inline)
+    for i, (offset, length) in enumerate(fragments):
+        if not 0 < length <= remaining:
             raise DescriptorError(
-                f"frame index {index} out of order or out of range (nframes={nframes})"
+                f"fragment {i}: length {length} with {remaining} bytes of the message left"
             )
-        last = index
-        if length == 0 or offset >= MAX_EXTENT or length >= MAX_EXTENT:
-            raise DescriptorError(f"frame {index}: offset {offset} / length {length} invalid")
-        try:
-            name = raw.decode("ascii")
-        except UnicodeDecodeError:
-            raise DescriptorError(f"frame {index}: segment name is not ASCII: {raw!r}") from None
-        check_name(name, owner, "s")
-        out.append(Placement(index, name, offset, length))
-    if pos != len(data):
-        raise DescriptorError(f"{len(data) - pos} trailing bytes after the descriptor")
-    return out
+        remaining -= length
+        if offset == INLINE:
+            if not inline_left or inline_left.pop(0) != length:
+                raise DescriptorError(f"fragment {i}: no inline frame of {length} bytes")
+        elif offset + length > buffer_size:
+            raise DescriptorError(
+                f"fragment {i}: bytes {offset}..{offset + length} lie outside "
+                f"the sender's buffer of {buffer_size} bytes"
+            )
+    if inline_left:
+        raise DescriptorError(f"{len(inline_left)} inline frame(s) not described")
+    return lengths, fragments

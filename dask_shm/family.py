@@ -1,32 +1,27 @@
-"""The ``"shm"`` serialization family: pickle protocol 5, with out-of-band
-buffers placed straight into shared memory.
+"""The ``"shm"`` serialization family: pickle protocol 5, for hops that
+negotiated shared memory.
 
 Use it like any family, ``Client(serializers=["shm", "dask", "pickle"],
 deserializers=[...same])``, or for every ``shm://`` comm of a process with
-the ``dask-shm.serializers`` key.  It serves only a hop that negotiated shared
-memory (a ``shm://`` comm whose handshake probe succeeded) and whose peer
+the ``dask-shm.serializers`` key.  It pickles an object with protocol 5 and
+keeps its buffers out of band, as they are; the comm then copies them
+straight into its shared buffer (one copy) and the receiver copies them out
+into memory of its own, so the object it rebuilds owns its data.  Naming the
+family also makes the comm serialize every message itself and decide by its
+real size, so an object whose ``sizeof`` is underestimated still travels
+through shared memory.
+
+It serves only a hop that negotiated shared memory and whose peer
 deserializes what it receives.  Everywhere else it raises
 ``NotImplementedError``, so the next family in the list serves:
 
-- ``context`` is None: spilling to disk, direct ``serialize()`` calls,
-  comms that pass no context;
+- ``context`` is None: spilling to disk, direct ``serialize()`` calls;
 - the comm is ``tcp://``, or ``shm://`` with a peer on another host, of
   another user or with another directory (no ``Link`` in the context);
-- the peer is a relay (the scheduler reads with ``deserialize=False`` and
-  forwards the frames unchanged to a process that never negotiated shared
-  memory with us).
+- the peer is a relay (a scheduler forwards frames unchanged to a process
+  that may not have dask-shm at all).
 
-Buffers of ``dask-shm.threshold`` bytes or more are placed by
-:meth:`dask_shm.comm.Link.place`, exactly as the comm places frames, and
-described in the header; smaller ones stay ordinary frames.  Compared with
-the comm's own placement the family adds one thing: it sees the buffers
-themselves, so an object whose ``sizeof`` is underestimated still travels
-through shared memory.
-
-Header: ``{"descriptor": bytes | None, "writeable": [bool, ...],
-"sender": owner, "recipient": owner}``.  The receiver refuses a header
-described for another process (a relay that should not have happened) and
-validates the descriptor in full before touching any file.
+Header: ``{"writeable": [bool, ...]}``, one flag per out-of-band buffer.
 """
 
 from __future__ import annotations
@@ -38,12 +33,9 @@ from distributed.protocol import pickle as dpickle
 from distributed.protocol.serialize import register_serialization_family
 
 from dask_shm import stats
-from dask_shm.config import settings
-from dask_shm.pool import get_pool
-from dask_shm.segments import DescriptorError, Owner, ShmDirectory, current_owner
-from dask_shm.transfer import Frame, assemble
+from dask_shm.errors import DescriptorError
 
-__all__ = ["NAME", "shm_dumps", "shm_loads"]
+__all__ = ["NAME", "shm_dumps", "shm_loads", "register"]
 
 NAME = "shm"
 
@@ -53,10 +45,9 @@ def _decline(reason: str) -> NotImplementedError:
     return NotImplementedError(f"dask-shm family: {reason}")
 
 
-def shm_dumps(x: Any, context: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[Frame]]:
+def shm_dumps(x: Any, context: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[Any]]:
     """Serialize ``x`` for one negotiated shared-memory hop (see module docs)."""
-    # Imported here: comm.py imports this module's package, not the reverse.
-    from dask_shm.comm import Link
+    from dask_shm.comm import Link  # comm imports this module, not the reverse
 
     if context is None:
         raise _decline("no-context")
@@ -65,13 +56,12 @@ def shm_dumps(x: Any, context: dict[str, Any] | None = None) -> tuple[dict[str, 
         raise _decline("not-negotiated")
     if link.relay:
         raise _decline("relay")
-
     buffers: list[memoryview] = []
     writeable: list[bool] = []
 
     def keep(buf: pickle.PickleBuffer) -> None:
         writeable.append(not memoryview(buf).readonly)
-        buffers.append(buf.raw())  # contiguous, as bytes: what a segment holds
+        buffers.append(buf.raw())  # contiguous, as bytes
 
     try:
         pik = dpickle.dumps(x, buffer_callback=keep, protocol=5)
@@ -79,67 +69,22 @@ def shm_dumps(x: Any, context: dict[str, Any] | None = None) -> tuple[dict[str, 
         raise _decline("non-contiguous") from e
     except Exception as e:  # not picklable: perhaps the next family can
         raise NotImplementedError(f"dask-shm family: cannot pickle: {e}") from e
-
-    placed = link.place([pik, *buffers])
-    if placed.descriptor is not None:
-        stats.count("family-messages")
-        stats.count("family-bytes", placed.nbytes)
-    header = {
-        "descriptor": placed.descriptor,
-        "writeable": writeable,
-        "sender": list(current_owner().as_tuple()),
-        "recipient": list(link.peer.as_tuple()),
-    }
-    return header, placed.inline
+    stats.count("family-messages")
+    return {"writeable": writeable}, [pik, *buffers]
 
 
-def _owner(header: dict[str, Any], key: str) -> Owner:
-    try:
-        pid, start, ns = map(int, header[key])
-        return Owner(pid, start, ns)
-    except (KeyError, TypeError, ValueError) as e:
-        raise DescriptorError(f"dask-shm family header: bad {key!r} field") from e
-
-
-def shm_loads(header: dict[str, Any], frames: list[Frame]) -> Any:
+def shm_loads(header: dict[str, Any], frames: list[Any]) -> Any:
     """Rebuild an object from :func:`shm_dumps`' header and frames.
-
-    Buffers in shared memory are received zero-copy: the object's arrays are
-    views of the segments, which go back to this process's pool when the
-    last view dies.
 
     Raises
     ------
-    DescriptorError, SegmentMissing
-        The header was described for another process, or names segments that
-        are not valid ours-to-take (see :func:`dask_shm.transfer.assemble`).
+    DescriptorError
+        If the header does not match the frames.
     """
-    descriptor = header.get("descriptor")
     writeable = header.get("writeable")
-    if not isinstance(writeable, list | tuple):
-        raise DescriptorError("dask-shm family header: bad 'writeable' field")
-    if descriptor is not None:
-        if not isinstance(descriptor, bytes | bytearray | memoryview):
-            raise DescriptorError("dask-shm family header: bad 'descriptor' field")
-        me = current_owner()
-        recipient = _owner(header, "recipient")
-        if recipient != me:
-            raise DescriptorError(
-                f"dask-shm family header was described for process {recipient.pid}, "
-                f"not this one ({me.pid}): frames were relayed through a process "
-                "that does not deserialize, which the sender should have declined"
-            )
-        conf = settings()
-        frames = assemble(
-            bytes(descriptor),
-            frames,
-            directory=ShmDirectory.get(conf.directory),
-            owner=_owner(header, "sender"),
-            pool=get_pool(conf.pool_size, conf.pool_idle_timeout),
-        )
-    if len(frames) != len(writeable) + 1:
+    if not isinstance(writeable, list | tuple) or len(frames) != len(writeable) + 1:
         raise DescriptorError(
-            f"dask-shm family header lists {len(writeable)} buffers, "
+            f"dask-shm family header lists {writeable!r:.50} buffers, "
             f"but {len(frames) - 1} arrived"
         )
     buffers = []

@@ -7,8 +7,9 @@ of ours.  Nothing happens when ``prometheus_client`` is not installed (Dask
 then has no ``/metrics`` either).
 
 Every counter of :mod:`dask_shm.stats` becomes ``dask_shm_<name>_total``
-(``shm-bytes`` -> ``dask_shm_shm_bytes_total``) and the pool's state becomes
-gauges ``dask_shm_pool_<name>``.
+(``shm-bytes`` -> ``dask_shm_shm_bytes_total``) and the shared memory's state becomes
+gauges (``dask_shm_buffer_bytes``, ``dask_shm_buffer_in_flight``,
+``dask_shm_peer_buffers``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from dask_shm import stats
 __all__ = ["ensure_registered", "ShmCollector"]
 
 _lock = threading.Lock()
+#: Names in :func:`stats.snapshot` that are a state, not a count.
+GAUGES = frozenset(("buffer-bytes", "buffer-in-flight", "peer-buffers"))
 _registered = False
 
 
@@ -33,8 +36,8 @@ class ShmCollector:
 
         for name, value in sorted(stats.snapshot().items()):
             metric = "dask_shm_" + name.replace("-", "_")
-            if name.startswith("pool-"):
-                yield GaugeMetricFamily(metric, f"dask-shm pool state: {name}", value=value)
+            if name in GAUGES:
+                yield GaugeMetricFamily(metric, f"dask-shm shared memory now: {name}", value=value)
             else:
                 yield CounterMetricFamily(metric, f"dask-shm counter {name}", value=value)
 

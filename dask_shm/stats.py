@@ -5,41 +5,40 @@ Read them in any process with :func:`snapshot` (for a cluster:
 them on Dask's Prometheus endpoints.  Names:
 
 ``shm-messages`` / ``shm-bytes``
-    Messages carrying at least one shared-memory frame, and the bytes placed.
+    Messages that went through shared memory, and the bytes copied into this
+    process's buffer for them.
 ``tcp-messages`` / ``tcp-bytes``
-    Messages (and their frame bytes) written on ``shm://`` comms entirely
-    over TCP.
-``fallback-cold`` / ``fallback-enospc``
-    Frames at or above the threshold that went over TCP anyway on a
-    shared-memory comm: no pre-faulted or parked segment fitted (``cold``), or
-    the directory was full (``enospc``; ``fallback-enospc-warm`` when a
-    background warm-up found it full).
+    Messages serialized for shared memory that turned out smaller than
+    ``dask-shm.threshold`` (or found this process without a buffer), and
+    their bytes: sent over TCP.
+``fallback-busy``
+    Fragments sent inline over TCP because the buffer had no room and the
+    message had nothing in flight to wait for (other links held the room).
+``fallback-enospc``
+    Times this process could not reserve its buffer (a full directory): it
+    then sends over TCP.
 ``fallback-<reason>``
     Messages written on ``shm://`` comms that are plain TCP, by why:
     ``no-probe`` (the peer failed the handshake probe: another host, user or
-    directory), ``plain-peer`` (the peer is ``tcp://``), ``disabled``
-    (``dask-shm.enabled`` is false or the directory is unusable),
-    ``probe-failed`` (this side could not create its probe: a full directory).
+    directory), ``plain-peer`` (the peer is ``tcp://`` or speaks another
+    protocol version), ``disabled`` (``dask-shm.enabled`` is false or the
+    directory is unusable), ``probe-failed`` (this side could not create its
+    probe: a full directory).
 ``below-threshold``
     Messages on shared-memory comms estimated smaller than
     ``dask-shm.threshold`` (sent as plain TCP without looking further).
-``family-messages`` / ``family-bytes``
-    Objects the ``"shm"`` serialization family serialized with at least one
-    buffer in shared memory, and the bytes it placed.
-``family-declined-<reason>``
-    Times the family let the next one serve: ``no-context`` (spilling, direct
-    ``serialize()``), ``not-negotiated`` (``tcp://`` or a failed probe),
-    ``relay`` (the peer is a scheduler), ``non-contiguous``.
-``segments-created`` / ``segments-received``
-    Segments this process created (all in the background unless
-    ``cold-transfer: shm``) and took over from peers.
-``segments-parked`` / ``segments-claimed`` / ``segments-awaited`` / ``segments-forwarded``
-    Segments this process parked for any process to claim, claimed (parked
-    by itself or another), got back for a warm-up that waited for one, and
-    handed on as a relay without copying.
-``pool-bursts``
-    Times a send missed a size while a warm-up of it was under way, so that
-    size now keeps one more segment ready (see ``dask_shm.pool.BURST_SHARE``).
+``handshake-shm`` / ``handshake-no-probe`` / ``handshake-plain``
+    Handshakes that negotiated shared memory, failed the probe, or met a
+    peer without dask-shm.
+``family-messages`` / ``family-declined-<reason>``
+    Objects the ``"shm"`` serialization family serialized, and times it let
+    the next family serve: ``no-context`` (spilling, direct ``serialize()``),
+    ``not-negotiated`` (``tcp://`` or a failed probe), ``relay`` (the peer is
+    a scheduler), ``non-contiguous``.
+``buffer-bytes`` / ``buffer-in-flight`` / ``peer-buffers`` (gauges)
+    This process's shared buffer (0 until its first linked comm, and again
+    after its last), the bytes of it awaiting release by receivers, and the
+    peers' buffers it has mapped.
 """
 
 from __future__ import annotations
@@ -87,15 +86,15 @@ class Tally:
 
 
 def snapshot() -> dict[str, int]:
-    """All counters of this process, with the pool's current state."""
-    from dask_shm.pool import get_pool
+    """All counters of this process, with its shared memory's current state."""
+    from dask_shm.buffers import info
 
     with _lock:
         totals = _counts.copy()
         for t in list(_tallies):
             totals[t.name] += t.n
     out = {k: v for k, v in totals.items() if v}
-    out.update({f"pool-{k}": v for k, v in get_pool().info().items()})
+    out.update(info())
     return out
 
 

@@ -1,0 +1,529 @@
+"""Shared buffers and their lifetime.
+
+Who creates memory
+    Each process with at least one ``shm://`` comm to a proven peer owns one
+    *buffer*: a file ``dask-shm-<identity>-b-<random>`` of
+    ``dask-shm.buffer-size`` bytes in the shm directory.  Its first handshake
+    creates it (``O_CREAT | O_EXCL``, mode 0600); before its first message
+    the process reserves every page (``posix_fallocate``: a full tmpfs fails
+    there with ENOSPC, never with SIGBUS later), maps it and faults it in,
+    off the event loop.  From then on it stays mapped and serves every
+    message the process sends, whatever the size: no message needs fresh
+    pages, no message pays for mmap or munmap.
+
+Who may write and read it
+    Only the owner writes into its buffer.  To send, it allocates a region,
+    copies a piece of the message into it and sends the region's offset and
+    length over the comm's TCP stream.  A receiver maps the sender's buffer
+    read-only once and keeps the mapping (one per peer buffer, shared by all
+    comms to that peer), copies the region out into ordinary memory
+    (``numpy.empty``, as distributed's TCP read does) and releases it.
+
+When it is released
+    Every direction of a link has a *release pipe*: a FIFO the sender creates
+    during the handshake, the receiver opens for writing, and the sender
+    unlinks as soon as both ends are open (so nothing named is left).  The
+    receiver writes one byte per region once it has copied it out; the
+    sender reads them when it next needs room and frees those regions in the
+    order it sent them.  When the receiver's end closes (its comm closed with
+    no copy in flight, or its process died) the sender reads end-of-file and
+    frees all that link held.  Nothing is freed on a timer.  The buffer
+    itself is unmapped and unlinked when the last ``shm://`` comm of the
+    process closes, and at exit; a receiver still copying from it keeps its
+    pages through its own mapping.
+
+What a crash leaves behind
+    - ``kill -9`` of a sender: its buffer file, and a probe or release pipe if
+      it was in a handshake, all named with its identity.  The janitor
+      (:mod:`dask_shm.janitor`) removes them once it can prove the process
+      dead; a receiver's mapping keeps the pages it may still be reading.
+    - ``kill -9`` of a receiver: nothing named.  The kernel closes its end of
+      the release pipes, and each sender frees that link's regions.
+    - A comm closed or aborted in the middle of a message: the receiver
+      closes its end of the release pipe only once a copy under way has
+      finished, so the sender never overwrites a region still being read.
+
+Working set
+    A process's RSS includes its own buffer once (``buffer-size``) and the
+    pages of peers' buffers it has copied out of (at most ``buffer-size`` per
+    peer it receives from, shared with that peer).  Received data lives in
+    private memory and is counted once, where it lives.
+
+Notes
+-----
+**Memory ordering.**  The release pipe orders a receiver's reads before the
+sender's next writes on every architecture Linux runs on, x86-64 (TSO) and
+aarch64 (weakly ordered) alike, with no barrier instruction needed in
+Python: the receiver finishes its copy before it calls write(2) on the
+pipe; the kernel queues the byte under the pipe's mutex, whose release
+orders all the calling CPU's earlier loads and stores before it; the
+sender's read(2) acquires the same mutex before it returns the byte, and the
+sender writes into the region only after that.  The other direction is the
+same argument through the TCP socket's lock: the receiver learns of a
+region only from a descriptor sent after the sender's copy.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import mmap
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from dask_shm.errors import DescriptorError, ShmFull
+from dask_shm.janitor import own, quiet_sweep
+from dask_shm.names import MODE, Directory, Owner, check_file, check_name, new_name
+
+__all__ = ["Buffer", "Outbox", "PeerBuffer", "Inbox", "Host", "info", "PIPE_REGIONS"]
+
+logger = logging.getLogger(__name__)
+
+#: Regions one link may have in flight: one release byte each must fit in
+#: the pipe without blocking the receiver (POSIX guarantees PIPE_BUF, 4096).
+PIPE_REGIONS = 4096
+#: Regions start on cache-line boundaries, so copies into them are aligned.
+ALIGN = 64
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+; older kernels: touch each page
+_PAGE = mmap.PAGESIZE
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+class Buffer:
+    """This process's shared buffer, and the regions in flight in it.
+
+    All methods may be called from any thread; one lock guards the
+    allocator.  Never called from a finalizer.
+    """
+
+    def __init__(self, directory: Directory, size: int) -> None:
+        self.directory = directory
+        self.size = size
+        self.name = new_name("b")
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        self._fd = os.open(self.name, flags, MODE, dir_fd=directory.fd)
+        own(directory, self.name)
+        #: The mapping as bytes, once :meth:`fill` has run.
+        self.view: np.ndarray | None = None
+        self._lock = threading.Lock()
+        self._used: list[tuple[int, int]] = []  # (offset, end), sorted
+        self._cursor = 0
+        self._outboxes: set[Outbox] = set()
+
+    def __repr__(self) -> str:
+        return f"<Buffer {self.name} {self.size} bytes>"
+
+    def fill(self) -> None:
+        """Reserve, map and fault in every page (blocking: ~0.6 ms per MiB
+        here; run it off the event loop).
+
+        Raises
+        ------
+        ShmFull
+            If the directory has no room; nothing is reserved then.
+        """
+        free, _ = self.directory.free_space()
+        if free < self.size:  # fail before filling the tmpfs for everyone else
+            raise self.directory.full(errno.ENOSPC, self.name, self.size)
+        try:
+            os.posix_fallocate(self._fd, 0, self.size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                os.ftruncate(self._fd, 0)  # give back what was reserved
+                raise self.directory.full(e.errno, self.name, self.size) from e
+            raise
+        mapping = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED)
+        try:
+            mapping.madvise(_MADV_POPULATE_WRITE, 0, self.size)
+        except OSError:
+            np.frombuffer(mapping, dtype=np.uint8)[::_PAGE] = 0
+        # The mmap object keeps a descriptor of its own.
+        os.close(self._fd)
+        self._fd = -1
+        self.view = np.frombuffer(mapping, dtype=np.uint8)
+
+    def write(self, offset: int, pieces: Sequence[memoryview]) -> None:
+        """Copy ``pieces`` (byte views) one after the other into the region
+        at ``offset``.  Blocking; safe in any thread."""
+        view = self.view
+        assert view is not None
+        for piece in pieces:
+            n = piece.nbytes
+            np.copyto(view[offset : offset + n], np.frombuffer(piece, dtype=np.uint8))
+            offset += n
+
+    def destroy(self) -> None:
+        """Unlink the file and close every link's release pipe.  The mapping
+        goes when its last view (a copy under way) is dropped."""
+        with self._lock:
+            outboxes, self._outboxes = self._outboxes, set()
+        for box in outboxes:
+            box.close()
+        self.directory.unlink(self.name)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.view = None
+
+    # -- the allocator ---------------------------------------------------------
+
+    def _find(self, n: int) -> int | None:
+        """Next fit: the first gap of ``n`` bytes at or after the cursor,
+        else from the start.  Regions are few (a few per link in flight)."""
+        used = self._used
+        starts = [0] + [end for _, end in used]
+        ends = [start for start, _ in used] + [self.size]
+        for wrap in (False, True):
+            for gap_start, gap_end in zip(starts, ends):
+                at = gap_start if wrap else max(gap_start, self._cursor)
+                if (wrap or gap_end > self._cursor) and gap_end - at >= n:
+                    bisect.insort(used, (at, at + n))
+                    self._cursor = at + n
+                    return at
+        return None
+
+    def _free(self, offset: int) -> None:
+        i = bisect.bisect_left(self._used, (offset, -1))
+        if i < len(self._used) and self._used[i][0] == offset:
+            del self._used[i]
+
+    def in_use(self) -> int:
+        """Bytes in regions not yet released."""
+        with self._lock:
+            return sum(end - start for start, end in self._used)
+
+    def place(self, box: Outbox, n: int) -> int | None:
+        """Allocate a region of ``n`` bytes for a message on ``box``'s link;
+        its offset, or None if there is no room now.  Frees what receivers
+        released first."""
+        n = _aligned(n)
+        with self._lock:
+            box.poll(self)
+            if box.closed or len(box.inflight) >= PIPE_REGIONS:
+                return None
+            offset = self._find(n)
+            if offset is None:
+                for other in list(self._outboxes):
+                    other.poll(self)
+                offset = self._find(n)
+            if offset is not None:
+                box.inflight.append(offset)
+            return offset
+
+    def attach(self, fd: int) -> Outbox:
+        """The outbox of a new link whose receiver holds the write end of
+        the release pipe read through ``fd``."""
+        box = Outbox(fd)
+        with self._lock:
+            self._outboxes.add(box)
+        return box
+
+    def retire(self, box: Outbox) -> None:
+        """``box``'s comm has ended.  Its regions stay reserved until its
+        receiver's end of the pipe closes (then they are freed at the next
+        poll), or until this buffer is destroyed."""
+        with self._lock:
+            box.poll(self)
+            if box.closed:
+                self._outboxes.discard(box)
+
+
+class Outbox:
+    """The sending side of one link: the regions its receiver has not
+    released yet, in the order they were sent, and the release pipe."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.inflight: deque[int] = deque()
+        self.closed = False
+
+    def poll(self, buffer: Buffer) -> None:
+        """Free the regions the receiver released (the buffer's lock held)."""
+        if self.closed:
+            return
+        try:
+            data = os.read(self.fd, PIPE_REGIONS)
+        except BlockingIOError:
+            return
+        if not data:  # end of file: the receiver will read nothing more
+            for offset in self.inflight:
+                buffer._free(offset)
+            self.inflight.clear()
+            self.close()
+            return
+        for _ in range(min(len(data), len(self.inflight))):
+            buffer._free(self.inflight.popleft())
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+
+class PeerBuffer:
+    """A peer's buffer as a receiver sees it: opened by name once, mapped
+    read-only at its first use, shared by every link to that peer."""
+
+    def __init__(self, directory: Directory, name: object, owner: Owner, size: object) -> None:
+        self.name = check_name(name, owner, "b")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 < size < 1 << 48:
+            raise DescriptorError(f"buffer {self.name}: invalid size {size!r}")
+        self.size = size
+        fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
+        problem = check_file(os.fstat(fd), "b")
+        if problem:
+            os.close(fd)
+            raise DescriptorError(f"refusing buffer {self.name}: {problem}")
+        self._fd = fd
+        self.view: np.ndarray | None = None
+        self.users = 0
+
+    def map(self) -> np.ndarray:
+        """The buffer's bytes, mapped at the first call.
+
+        Raises
+        ------
+        DescriptorError
+            If the file is smaller than the size its owner announced (a
+            mapping past its end would raise SIGBUS on the first read).
+        """
+        if self.view is None:
+            st = os.fstat(self._fd)
+            if st.st_size < self.size:
+                raise DescriptorError(
+                    f"buffer {self.name} holds {st.st_size} bytes, "
+                    f"not the {self.size} its owner announced"
+                )
+            mapping = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            self.view = np.frombuffer(mapping, dtype=np.uint8)
+            os.close(self._fd)  # the mmap object keeps a descriptor of its own
+            self._fd = -1
+        return self.view
+
+    def close(self) -> None:
+        self.view = None  # unmapped once no copy uses it
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class Inbox:
+    """The receiving side of one link: the sender's buffer and our end of
+    its release pipe."""
+
+    def __init__(self, peer: PeerBuffer, directory: Directory, pipe: object, owner: Owner) -> None:
+        name = check_name(pipe, owner, "r")
+        # O_NONBLOCK: opening a FIFO's write end fails (ENXIO) rather than
+        # waits when nobody reads it; writes never block (see PIPE_REGIONS).
+        flags = os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(name, flags, dir_fd=directory.fd)
+        problem = check_file(os.fstat(fd), "r")
+        if problem:
+            os.close(fd)
+            raise DescriptorError(f"refusing release pipe {name}: {problem}")
+        self.peer = peer
+        self._pipe = fd
+        self._lock = threading.Lock()  # close() against a copy in another thread
+        self._copying = 0
+        self.closed = False
+
+    def copy(self, offset: int, length: int, into: list[np.ndarray]) -> None:
+        """Copy a region out into consecutive pieces of ``into`` (their sizes
+        add up to ``length``), then release it.  Bounds were validated with
+        the descriptor.  Blocking; safe in any thread."""
+        view = self.peer.map()
+        with self._lock:
+            self._copying += 1
+        try:
+            for dst in into:
+                n = dst.nbytes
+                np.copyto(dst, view[offset : offset + n])
+                offset += n
+        finally:
+            with self._lock:
+                self._copying -= 1
+                if not self.closed:
+                    os.write(self._pipe, b"\0")
+                elif not self._copying:
+                    self._close_pipe()
+
+    def close(self) -> None:
+        """No more regions will be read; a copy under way finishes first."""
+        with self._lock:
+            self.closed = True
+            if not self._copying:
+                self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        if self._pipe >= 0:
+            os.close(self._pipe)
+            self._pipe = -1
+
+
+class Host:
+    """This process's shared memory in one directory: the directory handle,
+    its buffer, the peers' buffers it has mapped, and how many handshakes
+    and links use them.  The last user to leave tears everything down."""
+
+    _hosts: dict[str, Host] = {}
+    _lock = threading.Lock()
+    #: Work from finalizers, which must not take locks: done by the next
+    #: :meth:`acquire` or :meth:`release`.
+    _deferred: deque[Callable[[], None]] = deque()
+
+    def __init__(self, path: str, buffer_size: int) -> None:
+        self.path = path
+        self.directory = Directory(path)
+        self.users = 0
+        self.buffer: Buffer | None = None
+        self._buffer_size = buffer_size
+        self._fill: threading.Event | None = None
+        self._peers: dict[str, PeerBuffer] = {}
+        quiet_sweep(self.directory)  # orphans of processes killed earlier
+
+    @classmethod
+    def acquire(cls, path: str, buffer_size: int) -> Host:
+        """The host for ``path``, with one more user (opened if needed)."""
+        cls._drain()
+        with cls._lock:
+            host = cls._hosts.get(path)
+            if host is None:
+                host = cls._hosts[path] = Host(path, buffer_size)
+            host.users += 1
+            if host.buffer is None and host._fill is None and host._buffer_size:
+                host.buffer = Buffer(host.directory, host._buffer_size)
+            return host
+
+    def release(self) -> None:
+        """One user less; the last one closes everything."""
+        self._drain()
+        with self._lock:
+            self.users -= 1
+            if self.users:
+                return
+            if self._hosts.get(self.path) is self:
+                del self._hosts[self.path]
+            peers, self._peers = self._peers, {}
+            buffer, self.buffer = self.buffer, None
+        for peer in peers.values():
+            peer.close()
+        if buffer is not None:
+            buffer.destroy()
+        self.directory.close()
+
+    @classmethod
+    def defer(cls, job: Callable[[], None]) -> None:
+        """Run ``job`` at the next :meth:`acquire` or :meth:`release`
+        (lock-free: a finalizer may call it)."""
+        cls._deferred.append(job)
+
+    @classmethod
+    def _drain(cls) -> None:
+        while cls._deferred:
+            cls._deferred.popleft()()
+
+    def fill(self) -> Buffer | None:
+        """This process's buffer, ready for messages, or None if it has none
+        (``buffer-size`` is 0, or the directory is full: then messages from
+        this process travel over TCP).  Blocking the first time (run it off
+        the event loop); other callers wait for the first."""
+        with self._lock:
+            first = self._fill is None
+            if first:
+                self._fill = threading.Event()
+            event = self._fill
+            buffer = self.buffer
+        assert event is not None
+        if not first:
+            event.wait()
+            return self.buffer
+        try:
+            if buffer is not None:
+                buffer.fill()
+        except ShmFull as e:
+            _warn_full_once(e)
+            from dask_shm import stats
+
+            stats.count("fallback-enospc")
+            with self._lock:
+                self.buffer = None
+            buffer.destroy()
+        finally:
+            event.set()
+        with self._lock:
+            if self.buffer is not buffer and buffer is not None:
+                buffer.destroy()  # everyone left while it filled
+        return self.buffer
+
+    def peer(self, name: object, owner: Owner, size: object) -> PeerBuffer:
+        """The peer buffer ``name`` (opened once per host)."""
+        with self._lock:
+            peer = self._peers.get(name) if isinstance(name, str) else None
+            if peer is None:
+                peer = PeerBuffer(self.directory, name, owner, size)
+                self._peers[peer.name] = peer
+            elif peer.size != size:
+                raise DescriptorError(f"buffer {name}: size {size!r} does not match {peer.size}")
+            peer.users += 1
+            return peer
+
+    def unpeer(self, peer: PeerBuffer) -> None:
+        with self._lock:
+            peer.users -= 1
+            if peer.users or self._peers.get(peer.name) is not peer:
+                return
+            del self._peers[peer.name]
+        peer.close()
+
+    def new_pipe(self) -> tuple[str, int]:
+        """A fresh release pipe: (its name, our read end, non-blocking)."""
+        name = new_name("r")
+        os.mkfifo(name, MODE, dir_fd=self.directory.fd)  # fails if the name exists
+        own(self.directory, name)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.directory.fd)
+        except BaseException:
+            self.directory.unlink(name)
+            raise
+        return name, fd
+
+    @classmethod
+    def reset_after_fork(cls) -> None:
+        # The child shares none of its parent's links; it must not unlink or
+        # reuse its parent's buffer.
+        cls._hosts = {}
+        cls._deferred = deque()
+        cls._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=Host.reset_after_fork)
+
+_full_warned = False
+
+
+def _warn_full_once(exc: ShmFull) -> None:
+    global _full_warned
+    if not _full_warned:
+        _full_warned = True
+        logger.warning("dask-shm: %s (shown once per process)", exc.strerror)
+
+
+def info() -> dict[str, int]:
+    """This process's shared memory now: its buffers' bytes, the bytes in
+    flight in them, and the peer buffers it has mapped."""
+    with Host._lock:
+        hosts = list(Host._hosts.values())
+    buffers = [h.buffer for h in hosts if h.buffer is not None and h.buffer.view is not None]
+    return {
+        "buffer-bytes": sum(b.size for b in buffers),
+        "buffer-in-flight": sum(b.in_use() for b in buffers),
+        "peer-buffers": sum(len(h._peers) for h in hosts),
+    }

@@ -1,0 +1,157 @@
+"""The janitor: what this process must remove at exit, and what dead
+processes left behind.
+
+A process is responsible for every file whose name carries its identity
+(see :mod:`dask_shm.names`).  It removes them itself when it is done with
+them and, as a last resort, at exit (``atexit``, and multiprocessing's
+finalizers for children that leave through ``os._exit``).  A ``kill -9``
+skips both; then the files stay until another process proves their owner
+dead and removes them: :func:`sweep` unlinks a file only when
+``/proc/<pid>/stat`` is gone, shows a zombie, or shows another start time
+(the pid was reused).  Files of another pid namespace are never judged.
+
+Sweeps run when a process first sets up shared memory in a directory, when
+a link to a peer ends (a peer killed with ``kill -9`` is already a zombie or
+gone when its socket closes), at exit, and on ``dask shm sweep``.  No thread
+or timer of ours ever runs one.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing.util
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from dask_shm.errors import DescriptorError
+from dask_shm.names import PREFIX, Directory, Owner, fmt_bytes, parse_name
+
+__all__ = ["own", "forget", "owned_names", "FileInfo", "list_files", "sweep", "quiet_sweep"]
+
+logger = logging.getLogger(__name__)
+
+#: Our files that this process must remove, by name.  Updated with single
+#: dict operations (atomic under the GIL) and no lock, so that a finalizer
+#: run by the garbage collector at any point may call :func:`forget`.
+_owned: dict[str, str] = {}
+_exit_registered = False
+
+
+def own(directory: Directory, name: str) -> None:
+    """Record that this process must remove ``name`` from ``directory``."""
+    global _exit_registered
+    _owned[name] = directory.path
+    if not _exit_registered:
+        _exit_registered = True
+        atexit.register(_cleanup_at_exit)
+        multiprocessing.util.Finalize(None, _cleanup_at_exit, exitpriority=100)
+
+
+def forget(name: str) -> None:
+    """``name`` is removed or no longer ours to remove."""
+    _owned.pop(name, None)
+
+
+def owned_names() -> list[str]:
+    """Names of the files this process is currently responsible for."""
+    return list(_owned)
+
+
+def _cleanup_at_exit() -> None:
+    paths = set()
+    for name, path in list(_owned.items()):
+        paths.add(path)
+        try:
+            os.unlink(os.path.join(path, name))
+        except OSError:
+            pass
+    _owned.clear()
+    # Also remove what dead processes left: a Nanny exits right after killing
+    # a worker that was slow to close, and nothing else may run here again.
+    for path in paths:
+        try:
+            d = Directory(path)
+        except OSError:
+            continue
+        try:
+            quiet_sweep(d)
+        finally:
+            d.close()
+
+
+def _after_fork_in_child() -> None:
+    # The child is not responsible for its parent's files.
+    global _exit_registered
+    _owned.clear()
+    _exit_registered = False
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One of our files in the directory, as the janitor sees it."""
+
+    name: str
+    owner: Owner
+    kind: str
+    size: int
+    alive: bool
+
+
+def _scan(directory: Directory) -> Iterator[tuple[str, Owner, str]]:
+    for entry in os.scandir(directory.path):
+        if entry.name.startswith(PREFIX):
+            try:
+                owner, kind = parse_name(entry.name)
+            except DescriptorError:
+                continue
+            yield entry.name, owner, kind
+
+
+def list_files(directory: Directory, owner: Owner | None = None) -> list[FileInfo]:
+    """Our files in ``directory`` (only ``owner``'s, if given), with whether
+    their owner lives."""
+    out = []
+    alive: dict[Owner, bool] = {}
+    for name, who, kind in _scan(directory):
+        if owner is not None and who != owner:
+            continue
+        if who not in alive:
+            alive[who] = who.alive()
+        try:
+            size = os.stat(name, dir_fd=directory.fd, follow_symlinks=False).st_size
+        except FileNotFoundError:
+            continue
+        out.append(FileInfo(name, who, kind, size, alive[who]))
+    return out
+
+
+def sweep(
+    directory: Directory, *, owner: Owner | None = None, dry_run: bool = False
+) -> list[FileInfo]:
+    """Remove files whose owner process is dead; return what was (or would be)
+    removed.  With ``owner``, only that process's files are considered."""
+    removed = []
+    for info in list_files(directory, owner):
+        if not info.alive and (dry_run or directory.unlink(info.name)):
+            removed.append(info)
+    if removed and not dry_run:
+        logger.info(
+            "removed %d orphaned file(s), %s, in %s",
+            len(removed),
+            fmt_bytes(sum(i.size for i in removed)),
+            directory.path,
+        )
+    return removed
+
+
+def quiet_sweep(directory: Directory, owner: Owner | None = None) -> None:
+    """:func:`sweep` for housekeeping: never raises."""
+    try:
+        sweep(directory, owner=owner)
+    except Exception:
+        logger.debug("sweep of %s failed", directory.path, exc_info=True)

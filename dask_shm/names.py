@@ -1,0 +1,286 @@
+"""Names and identity: what our files are called, who they belong to, and the
+directory handle every file access goes through.
+
+Every file dask-shm creates is named::
+
+    dask-shm-<pid>-<start time>-<pid namespace>-<kind>-<128 random bits>
+
+``kind`` is ``b`` for a process's shared buffer, ``r`` for a release pipe
+(a FIFO, named only during a handshake) and ``p`` for a handshake probe.
+The start time (from ``/proc/<pid>/stat``) makes a name survive pid reuse,
+so the janitor can prove its owner dead; the random part makes it
+unguessable.  Names are checked against this exact pattern before anything
+is opened, and every open, rename and unlink is relative to the directory's
+file descriptor, so nothing outside the directory is ever touched.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import secrets
+import stat
+import sys
+from dataclasses import dataclass
+
+from dask_shm.errors import DescriptorError, ShmFull
+
+__all__ = [
+    "PREFIX",
+    "MODE",
+    "KINDS",
+    "Owner",
+    "current_owner",
+    "new_name",
+    "parse_name",
+    "check_name",
+    "Directory",
+    "check_file",
+    "fmt_bytes",
+    "create_probe",
+    "read_probe",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Every file we create starts with this; nothing else is ever opened.
+PREFIX = "dask-shm-"
+#: Owner-only permissions: another user on the host can neither read our data
+#: nor pass our probe (and so falls back to TCP).
+MODE = 0o600
+KINDS = {"b": "buffer", "r": "release pipe", "p": "probe"}
+
+_NAME_RE = re.compile(
+    r"dask-shm-(?P<pid>[0-9]{1,10})-(?P<start>[0-9]{1,20})-(?P<ns>[0-9]{1,20})"
+    r"-(?P<kind>[brp])-(?P<token>[0-9a-f]{32})"
+)
+#: Longest valid name; anything longer is refused before a regex runs.
+MAX_NAME_LENGTH = len(PREFIX) + 10 + 1 + 20 + 1 + 20 + 3 + 32
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The process responsible for a file, as written in its name."""
+
+    pid: int
+    start: int
+    ns: int
+
+    def alive(self) -> bool:
+        """Whether this process still runs; True when we cannot tell."""
+        if self.ns != current_owner().ns:
+            return True  # another pid namespace: its pids mean nothing here
+        info = _proc_stat(self.pid)
+        if info is None:
+            return False
+        state, start = info
+        return state not in ("Z", "X") and start == self.start
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        return (self.pid, self.start, self.ns)
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time) of a process, or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return ("?", -1)  # exists but unreadable: treat as alive elsewhere
+    # The command name (field 2) may contain spaces and parentheses.
+    fields = data[data.rindex(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[19])
+
+
+_owner_cache: tuple[int, Owner] | None = None
+
+
+def current_owner() -> Owner:
+    """The identity of this process, as written into the names it creates."""
+    global _owner_cache
+    pid = os.getpid()
+    if _owner_cache is None or _owner_cache[0] != pid:  # new, or forked
+        info = _proc_stat(pid)
+        try:
+            ns = os.stat("/proc/self/ns/pid").st_ino
+        except OSError:
+            ns = 0
+        _owner_cache = (pid, Owner(pid, info[1] if info else 0, ns))
+    return _owner_cache[1]
+
+
+def new_name(kind: str) -> str:
+    """A fresh, unguessable name of ``kind`` owned by this process."""
+    o = current_owner()
+    return f"{PREFIX}{o.pid}-{o.start}-{o.ns}-{kind}-{secrets.token_hex(16)}"
+
+
+def parse_name(name: object) -> tuple[Owner, str]:
+    """Split one of our names into (owner, kind).
+
+    Raises
+    ------
+    DescriptorError
+        If ``name`` is not one of our names (wrong prefix, a path, anything
+        but the exact pattern).
+    """
+    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH:
+        raise DescriptorError(f"not a dask-shm name: {name!r:.100}")
+    m = _NAME_RE.fullmatch(name)
+    if m is None:
+        raise DescriptorError(f"not a dask-shm name: {name!r}")
+    return Owner(int(m["pid"]), int(m["start"]), int(m["ns"])), m["kind"]
+
+
+def check_name(name: object, owner: Owner, kind: str) -> str:
+    """Return ``name`` if it is a ``kind`` file of ``owner``; else refuse it."""
+    got_owner, got_kind = parse_name(name)
+    if got_owner != owner or got_kind != kind:
+        raise DescriptorError(
+            f"{name!r} is not a {KINDS[kind]} of the peer (pid {owner.pid})"
+        )
+    assert isinstance(name, str)
+    return name
+
+
+def check_file(st: os.stat_result, kind: str) -> str | None:
+    """Why a file a peer named is unacceptable, or None: it must be a regular
+    file (a FIFO for a release pipe) of our uid, owner-only, one link."""
+    want = stat.S_ISFIFO if kind == "r" else stat.S_ISREG
+    if not want(st.st_mode):
+        return f"not a {'FIFO' if kind == 'r' else 'regular file'}"
+    if st.st_uid != os.geteuid():
+        return f"owned by uid {st.st_uid}, not by us (uid {os.geteuid()})"
+    if st.st_mode & 0o077:
+        return f"permissions {oct(st.st_mode & 0o777)} are not owner-only"
+    if st.st_nlink != 1:
+        return f"{st.st_nlink} hard links"
+    return None
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+class Directory:
+    """An open handle on the shm directory (``dask-shm.directory``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __repr__(self) -> str:
+        return f"<Directory {self.path}>"
+
+    @staticmethod
+    def unusable_reason(path: str) -> str | None:
+        """Why ``path`` cannot hold buffers on this machine, or None."""
+        if not sys.platform.startswith("linux"):
+            return f"shared memory needs Linux (this is {sys.platform})"
+        if not os.path.isdir(path):
+            return f"{path} does not exist"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"{path} is not writable by uid {os.geteuid()}"
+        return None
+
+    def free_space(self) -> tuple[int, int]:
+        """(free, total) bytes in the directory's filesystem."""
+        st = os.statvfs(self.path if self.fd < 0 else self.fd)
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+    def describe_space(self) -> str:
+        free, total = self.free_space()
+        return f"{fmt_bytes(free)} free of {fmt_bytes(total)} in {self.path}"
+
+    def full(self, code: int, name: str, size: int) -> ShmFull:
+        """The error for ``size`` bytes that do not fit, naming the remedy."""
+        return ShmFull(
+            code,
+            f"cannot reserve {fmt_bytes(size)} for {name}: {self.describe_space()}. "
+            "Give the shared-memory directory more room (e.g. `docker run "
+            "--shm-size=1g`, or `mount -o remount,size=... /dev/shm`), lower "
+            "dask-shm.buffer-size, or point dask-shm.directory at a larger "
+            "tmpfs; meanwhile messages travel over TCP.",
+        )
+
+    def unlink(self, name: str) -> bool:
+        """Unlink ``name``; False if it was gone already.  Something other
+        than a file planted under one of our names (a directory) is removed
+        if empty, else left with a warning: never an exception, so cleanup
+        always gets through."""
+        from dask_shm.janitor import forget
+
+        forget(name)
+        try:
+            os.unlink(name, dir_fd=self.fd)
+            return True
+        except FileNotFoundError:
+            return False
+        except (IsADirectoryError, PermissionError):  # Linux says EISDIR or EPERM
+            try:
+                os.rmdir(name, dir_fd=self.fd)
+                return True
+            except OSError as e:
+                logger.warning("dask-shm: cannot remove %s from %s: %s", name, self.path, e)
+                return False
+
+
+def create_probe(directory: Directory) -> tuple[str, str]:
+    """Create a handshake probe holding a random token; return (name, token).
+
+    Raises
+    ------
+    ShmFull
+        If the directory has no room even for the probe.
+    """
+    from dask_shm.janitor import own
+
+    name = new_name("p")
+    token = secrets.token_hex(16)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(name, flags, MODE, dir_fd=directory.fd)
+    own(directory, name)
+    try:
+        os.write(fd, token.encode())
+    except BaseException as e:
+        directory.unlink(name)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise directory.full(e.errno, name, len(token)) from e
+        raise
+    finally:
+        os.close(fd)
+    return name, token
+
+
+def read_probe(directory: Directory, name: object, owner: Owner) -> str | None:
+    """The token in a peer's probe, or None if we cannot read it (with why
+    logged at debug level): then we do not share the directory with it."""
+    try:
+        name = check_name(name, owner, "p")
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
+    except (OSError, DescriptorError) as e:
+        logger.debug("cannot read probe %r in %s: %s", name, directory.path, e)
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            logger.debug("probe %r is not a regular file of ours", name)
+            return None
+        data = os.read(fd, 64)
+    finally:
+        os.close(fd)
+    token = data.decode("ascii", "replace")
+    return token if re.fullmatch(r"[0-9a-f]{32}", token) else None
