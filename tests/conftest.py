@@ -1,14 +1,22 @@
-"""Shared fixtures.  Every test is checked for leaks: a segment of ours left in
-the shm directory, or a comm left open, fails it."""
+"""Shared fixtures and helpers.
+
+Every test is checked for leaks (:func:`no_leaks`): once it ends and no
+``shm://`` comm of this process is open, nothing of ours may remain: no file
+in the shm directory, no comm open, no descriptor of this process on one of
+our files or the directory, no mapping of one of our files, no thread named
+``dask-shm...``.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
+import stat
 import subprocess
 import sys
+import threading
 import time
-import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,28 +28,28 @@ from distributed.comm.core import Comm
 
 import dask_shm  # noqa: F401  (loads the configuration defaults)
 from dask_shm import stats
-from dask_shm.pool import get_pool
-from dask_shm.segments import PREFIX
+from dask_shm.names import PREFIX
 
 #: The shm directory under test: /dev/shm, unless DASK_DASK_SHM__DIRECTORY
 #: names another (e.g. a private subdirectory of /dev/shm, so that two test
-#: runs on one machine do not see each other's segments; make it mode 1777
+#: runs on one machine do not see each other's files; make it mode 1777
 #: like /dev/shm, for the other-user test).
 SHM_DIR = os.environ.get("DASK_DASK_SHM__DIRECTORY", "/dev/shm")
-#: How long a test's processes may take to finish releasing what they own
-#: (subprocess exit, graceful-close grace periods are longer and are not
-#: waited for: a test must not leave anything in flight).
+#: How long a test's processes may take to release what they own (a
+#: subprocess's exit, a comm's other end noticing a close).
 SETTLE = 10.0
 
 
 def ours(directory: str = SHM_DIR) -> list[str]:
+    """Our files in ``directory``, by name."""
     try:
         return sorted(n for n in os.listdir(directory) if n.startswith(PREFIX))
     except FileNotFoundError:
         return []
 
 
-def wait_for(predicate, timeout: float = SETTLE, interval: float = 0.05) -> bool:
+def wait_for(predicate: Callable[[], object], timeout: float = SETTLE, interval: float = 0.01) -> bool:
+    """Whether ``predicate()`` became true within ``timeout`` seconds (polled)."""
     deadline = time.monotonic() + timeout
     while True:
         if predicate():
@@ -51,54 +59,119 @@ def wait_for(predicate, timeout: float = SETTLE, interval: float = 0.05) -> bool
         time.sleep(interval)
 
 
+async def until(predicate: Callable[[], object], timeout: float = SETTLE) -> None:
+    """Wait in an event loop until ``predicate()`` is true; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {predicate}"
+        await asyncio.sleep(0.005)
+
+
+def our_fds(directory: str = SHM_DIR) -> list[str]:
+    """This process's descriptors on our files (buffers, probes, release pipes,
+    named or unlinked) and on the shm directory itself."""
+    out = []
+    fd_dir = "/proc/self/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(f"{fd_dir}/{fd}")
+        except OSError:
+            continue  # the descriptor listdir itself used, closed since
+        base = os.path.basename(target.removesuffix(" (deleted)"))
+        in_dir = os.path.dirname(target) == directory.rstrip("/")
+        if (in_dir and base.startswith(PREFIX)) or target == directory.rstrip("/"):
+            out.append(target)
+        elif base.startswith(PREFIX):  # a FIFO of ours opened elsewhere
+            try:
+                if stat.S_ISFIFO(os.stat(f"{fd_dir}/{fd}").st_mode):
+                    out.append(target)
+            except OSError:
+                pass
+    return out
+
+
+def our_maps() -> list[str]:
+    """Mappings of our files in this process."""
+    with open("/proc/self/maps") as f:
+        return [line.split(maxsplit=5)[5].strip() for line in f if PREFIX in line]
+
+
+def our_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.lower().startswith("dask-shm")]
+
+
 def _open_comms() -> list[Comm]:
     return [c for c in list(Comm._instances) if not c.closed()]
 
 
+def _shm_comms_open() -> bool:
+    from dask_shm.comm import SHM
+
+    return any(isinstance(c, SHM) for c in _open_comms())
+
+
 @pytest.fixture(autouse=True)
-def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Fail a test that leaves a segment in /dev/shm or a comm open."""
-    before = set(ours())
-    assert not before, f"segments left by something before this test: {before}"
+def no_leaks() -> Iterator[None]:
+    """Fail a test that leaves anything of ours behind (see the module doc)."""
+    before = ours()
+    assert not before, f"files left by something before this test: {before}"
     stats.reset()
     yield
-    gc.collect()
-    # This process's pool is not a leak (anything else is): let warm-ups
-    # finish, then empty it.
-    wait_for(lambda: get_pool().info()["warming"] == 0)
-    get_pool().trim()
     leaked_comms = []
     if not wait_for(lambda: not _open_comms(), timeout=5):
         leaked_comms = [repr(c) for c in _open_comms()]
         for c in _open_comms():
             c.abort()
 
-    def settled() -> bool:
-        gc.collect()
-        return not ours()
+    def clean() -> bool:
+        return not (ours() or our_fds() or our_maps() or our_threads())
 
-    left = [] if wait_for(settled) else ours()
+    def settled() -> bool:
+        if clean():
+            return True
+        gc.collect()  # a dropped comm's finalizer may be what is left to run
+        return clean()
+
+    wait_for(settled)
+    left, fds, maps, threads = ours(), our_fds(), our_maps(), our_threads()
     for name in left:  # don't let one failure cascade into every later test
         try:
             os.unlink(os.path.join(SHM_DIR, name))
         except FileNotFoundError:
             pass
     assert not leaked_comms, f"comms left open: {leaked_comms}"
-    assert not left, f"segments left in {SHM_DIR}: {left}"
+    assert not left, f"files left in {SHM_DIR}: {left}"
+    assert not fds, f"descriptors of ours left open: {fds}"
+    assert not maps, f"mappings of ours left: {maps}"
+    assert not threads, f"threads of ours left running: {threads}"
 
 
 @pytest.fixture
 def shm_config() -> Iterator[None]:
-    """Shared memory for every frame of 64 KiB or more, even on a cold pool:
-    tests that check zero-copy need the first transfer to go through a
-    segment, and mid-sized frames exercise the path too."""
-    with dask.config.set({"dask-shm.cold-transfer": "shm", "dask-shm.threshold": "64 KiB"}):
+    """Shared memory for every message of 64 KiB or more: mid-sized messages
+    exercise the path too."""
+    with dask.config.set({"dask-shm.threshold": "64 KiB"}):
+        yield
+
+
+@pytest.fixture
+def small_buffer() -> Iterator[None]:
+    """A 1 MiB buffer streamed in 256 KiB fragments: any message of a few MB
+    takes many descriptors and reuses every byte of the buffer many times."""
+    conf = {
+        "dask-shm.threshold": "64 KiB",
+        "dask-shm.buffer-size": "1 MiB",
+        "dask-shm.fragment-size": "256 KiB",
+    }
+    with dask.config.set(conf):
         yield
 
 
 def is_root() -> bool:
     return os.geteuid() == 0
 
+
+root_only = pytest.mark.skipif(not is_root(), reason="needs root (CI runs as root)")
 
 Start = Callable[..., "subprocess.Popen[bytes]"]
 
@@ -130,7 +203,9 @@ def dask_processes(env: dict[str, str]) -> Iterator[Start]:
                 p.wait()
 
 
-async def first_read_error(send: Callable[[Comm], Awaitable[object]]) -> BaseException:
+async def first_read_error(
+    send: Callable[[Comm], Awaitable[object]], address: str = "shm://127.0.0.1:0"
+) -> BaseException:
     """Open an shm:// listener, connect to it, ``send`` on the new comm (which
     must have negotiated shared memory) and return the exception the
     listener's first ``read`` raised."""
@@ -144,7 +219,7 @@ async def first_read_error(send: Callable[[Comm], Awaitable[object]]) -> BaseExc
         finally:
             comm.abort()
 
-    async with listen("shm://127.0.0.1:0", handler) as listener:
+    async with listen(address, handler) as listener:
         comm = await connect(listener.contact_address)
         try:
             assert comm.link is not None  # type: ignore[attr-defined]
