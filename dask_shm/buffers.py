@@ -65,6 +65,7 @@ region only from a descriptor sent after the sender's copy.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import errno
 import logging
@@ -115,7 +116,6 @@ class Buffer:
         self.view: np.ndarray | None = None
         self._lock = threading.Lock()
         self._used: list[tuple[int, int]] = []  # (offset, end), sorted
-        self._cursor = 0
         self._outboxes: set[Outbox] = set()
 
     def __repr__(self) -> str:
@@ -176,19 +176,18 @@ class Buffer:
     # -- the allocator ---------------------------------------------------------
 
     def _find(self, n: int) -> int | None:
-        """Next fit: the first gap of ``n`` bytes at or after the cursor,
-        else from the start.  Regions are few (a few per link in flight)."""
-        used = self._used
-        starts = [0] + [end for _, end in used]
-        ends = [start for start, _ in used] + [self.size]
-        for wrap in (False, True):
-            for gap_start, gap_end in zip(starts, ends):
-                at = gap_start if wrap else max(gap_start, self._cursor)
-                if (wrap or gap_end > self._cursor) and gap_end - at >= n:
-                    bisect.insort(used, (at, at + n))
-                    self._cursor = at + n
-                    return at
-        return None
+        """First fit: the lowest gap of ``n`` bytes.  A stream then cycles
+        through the same few regions, so its receiver touches (and counts in
+        its RSS) only those pages of the buffer, and they stay hot."""
+        at = 0
+        for start, end in self._used:
+            if start - at >= n:
+                break
+            at = end
+        if self.size - at < n:
+            return None
+        bisect.insort(self._used, (at, at + n))
+        return at
 
     def _free(self, offset: int) -> None:
         i = bisect.bisect_left(self._used, (offset, -1))
@@ -218,6 +217,33 @@ class Buffer:
                 box.inflight.append(offset)
             return offset
 
+    async def wait(self, box: Outbox, seen: int) -> None:
+        """Wait until regions of ``box`` are freed after ``seen`` (its
+        ``freed`` count when a :meth:`place` failed): by its receiver's
+        release, read here, or by any link's poll meanwhile."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            if box.freed != seen or box.closed:
+                return
+            box._waiter = (loop, future)
+            box._watched = True
+            fd = box.fd
+        loop.add_reader(fd, self._poll_one, box)
+        try:
+            await future
+        finally:
+            loop.remove_reader(fd)
+            with self._lock:
+                box._waiter = None
+                box._watched = False
+                if box.closed:
+                    box.close()
+
+    def _poll_one(self, box: Outbox) -> None:
+        with self._lock:
+            box.poll(self)
+
     def attach(self, fd: int) -> Outbox:
         """The outbox of a new link whose receiver holds the write end of
         the release pipe read through ``fd``."""
@@ -244,6 +270,13 @@ class Outbox:
         self.fd = fd
         self.inflight: deque[int] = deque()
         self.closed = False
+        #: Bumped whenever regions of this link are freed, by whichever
+        #: link's :meth:`Buffer.place` polled them (see :meth:`Buffer.wait`).
+        self.freed = 0
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+        #: An event loop watches ``fd``: closing it now could let the number
+        #: be reused under the loop's registration; the watcher closes it.
+        self._watched = False
 
     def poll(self, buffer: Buffer) -> None:
         """Free the regions the receiver released (the buffer's lock held)."""
@@ -258,14 +291,25 @@ class Outbox:
                 buffer._free(offset)
             self.inflight.clear()
             self.close()
-            return
-        for _ in range(min(len(data), len(self.inflight))):
-            buffer._free(self.inflight.popleft())
+        else:
+            for _ in range(min(len(data), len(self.inflight))):
+                buffer._free(self.inflight.popleft())
+        self.freed += 1
+        if self._waiter is not None:
+            loop, future = self._waiter
+            self._waiter = None
+            loop.call_soon_threadsafe(_wake, future)
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
+        self.closed = True
+        if self.fd >= 0 and not self._watched:
             os.close(self.fd)
+            self.fd = -1
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class PeerBuffer:
@@ -351,7 +395,10 @@ class Inbox:
             with self._lock:
                 self._copying -= 1
                 if not self.closed:
-                    os.write(self._pipe, b"\0")
+                    try:
+                        os.write(self._pipe, b"\0")
+                    except BrokenPipeError:
+                        pass  # the sender is gone: nobody to release to
                 elif not self._copying:
                     self._close_pipe()
 

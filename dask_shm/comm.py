@@ -49,6 +49,11 @@ logger = logging.getLogger(__name__)
 
 #: Version of the handshake and descriptor protocol; peers must agree.
 PROTOCOL = 2
+#: Regions one message keeps in flight: two, so that the sender fills one
+#: while the receiver copies out the other (double buffering).  More would
+#: not speed a transfer up (the receiver's copy is the slower side) and
+#: would take room that concurrent messages to other peers need.
+IN_FLIGHT = 2
 #: Frames are never split into shards on the shared-memory path: the
 #: fragments of the packed stream do that job.
 NO_SPLIT = 2**62
@@ -531,11 +536,16 @@ class SHM(TCP):
         assert outbox is not None and buffer is not None
         source = _Cursor(views)
         lengths: list[int] | None = [v.nbytes for v in views]
+        placed = 0  # regions of this message, placed so far
         while source.remaining:
             fragments: list[tuple[int, int]] = []
             inline: list[memoryview] = []
-            while source.remaining and (lengths is None or not fragments):
+            seen = outbox.freed
+            # Regions are released in the order they were placed, so this
+            # message's still in flight are the newest of the link's.
+            while source.remaining and min(placed, len(outbox.inflight)) < IN_FLIGHT:
                 n = min(link.fragment_size, source.remaining)
+                seen = outbox.freed
                 offset = buffer.place(outbox, n)
                 if offset is None:
                     break
@@ -545,12 +555,15 @@ class SHM(TCP):
                 else:
                     buffer.write(offset, pieces)
                 fragments.append((offset, n))
+                placed += 1
                 stats.count("shm-bytes", n)
+                if lengths is not None:
+                    break  # start the receiver at once
             if not fragments:
                 if outbox.inflight and not outbox.closed:
-                    await self._released(outbox)
+                    await buffer.wait(outbox, seen)
                     continue
-                # No room, and nothing of ours to wait for: TCP carries it.
+                # No room, and nothing of this link to wait for: TCP carries it.
                 for piece in source.take(min(link.fragment_size, source.remaining)):
                     fragments.append((INLINE, piece.nbytes))
                     inline.append(piece)
@@ -558,16 +571,6 @@ class SHM(TCP):
             envelope = _Envelope(encode(lengths, fragments), *inline)
             await super().write(envelope.pickled(), on_error="raise")
             lengths = None
-
-    async def _released(self, outbox: Outbox) -> None:
-        """Wait until the peer releases a region (or its end closes)."""
-        loop = asyncio.get_running_loop()
-        ready = loop.create_future()
-        loop.add_reader(outbox.fd, lambda: ready.done() or ready.set_result(None))
-        try:
-            await ready
-        finally:
-            loop.remove_reader(outbox.fd)
 
     def read(self, deserializers: Any = None) -> Coroutine[Any, Any, Any]:  # type: ignore[override]
         if self._handshake is not None:
