@@ -321,7 +321,9 @@ class PeerBuffer:
         if not isinstance(size, int) or isinstance(size, bool) or not 0 < size < 1 << 48:
             raise DescriptorError(f"buffer {self.name}: invalid size {size!r}")
         self.size = size
-        fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
+        # O_NONBLOCK: a FIFO planted under the name must not block us.
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.name, flags, dir_fd=directory.fd)
         problem = check_file(os.fstat(fd), "b")
         if problem:
             os.close(fd)
@@ -536,7 +538,8 @@ class Host:
         os.mkfifo(name, MODE, dir_fd=self.directory.fd)  # fails if the name exists
         own(self.directory, name)
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.directory.fd)
+            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(name, flags, dir_fd=self.directory.fd)
         except BaseException:
             self.directory.unlink(name)
             raise

@@ -270,7 +270,9 @@ def read_probe(directory: Directory, name: object, owner: Owner) -> str | None:
     logged at debug level): then we do not share the directory with it."""
     try:
         name = check_name(name, owner, "p")
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
+        # O_NONBLOCK: a FIFO planted under the name must not block us.
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(name, flags, dir_fd=directory.fd)
     except (OSError, DescriptorError) as e:
         logger.debug("cannot read probe %r in %s: %s", name, directory.path, e)
         return None
