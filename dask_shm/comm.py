@@ -526,6 +526,9 @@ class SHM(TCP):
             await self._stream(link, views, total)
             stats.count("shm-messages")
             return total
+        except CommClosedError:
+            self._release()
+            raise
         finally:
             link.idle.set()
 
@@ -590,7 +593,13 @@ class SHM(TCP):
         return msg
 
     async def _read_link(self, link: Link, deserializers: Any) -> Any:
-        msg = await super().read(deserializers)
+        try:
+            msg = await super().read(deserializers)
+        except CommClosedError:
+            # TCP marks itself closed without calling close() or abort(), and
+            # distributed does not abort a closed comm: end the link here.
+            self._release()
+            raise
         if type(msg) is not _Envelope:
             return msg
         try:
@@ -608,6 +617,9 @@ class SHM(TCP):
         except EOFError as e:
             self.abort()
             raise CommClosedError(f"in {self}: aborted stream on truncated data") from e
+        except CommClosedError:
+            self._release()
+            raise
 
     async def _receive(self, link: Link, envelope: _Envelope) -> list[memoryview]:
         """Copy a message's fragments out of the peer's buffer into frames
