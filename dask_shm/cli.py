@@ -138,7 +138,13 @@ def sweep(directory: str | None, dry_run: bool) -> None:
     click.echo(f"{verb} {len(removed)} orphaned file(s), {_fmt(sum(i.size for i in removed))}")
 
 
-@shm.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@shm.command(
+    context_settings={
+        "ignore_unknown_options": True,
+        "allow_extra_args": True,
+        "help_option_names": [],  # --help reaches the benchmark's own parser
+    }
+)
 @click.pass_context
 def bench(ctx: click.Context) -> None:
     """Benchmark tcp:// against shm:// on this machine (see --help)."""

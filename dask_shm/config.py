@@ -9,38 +9,71 @@ environment variables, and :func:`dask.config.set`.
 Values are read lazily, when a comm is established, and validated then: an
 invalid value raises :class:`ConfigError` naming the key, the value and what
 is allowed.
+
+Every key falls back to its packaged default on its own, whatever assembled
+the configuration: Dask's configuration can hold a ``dask-shm`` section
+without our defaults in it (a ``DASK_DASK_SHM__THRESHOLD`` variable collected
+by ``dask.config.refresh()`` or at ``import dask`` before ``dask_shm`` was
+imported, or a snapshot restored by distributed's test utilities), so the
+defaults are read from the packaged file here rather than trusted to be in
+the global configuration.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 import dask.config
 import yaml  # type: ignore[import-untyped]
-from dask.utils import parse_bytes, parse_timedelta
+from dask.utils import format_bytes, parse_bytes
 
-__all__ = ["ConfigError", "Settings", "settings", "load_defaults", "SCHEMA_PATH"]
+__all__ = [
+    "ConfigError",
+    "Settings",
+    "settings",
+    "load_defaults",
+    "packaged_defaults",
+    "DEFAULTS_PATH",
+    "SCHEMA_PATH",
+    "MIN_FRAGMENT_SIZE",
+]
 
 _HERE = pathlib.Path(__file__).parent
 DEFAULTS_PATH = _HERE / "dask-shm.yaml"
 SCHEMA_PATH = _HERE / "dask-shm-schema.yaml"
 
-COLD_TRANSFER_CHOICES = ("tcp", "shm")
 DEFAULT_DIRECTORY = "/dev/shm"
+#: Each fragment costs one exchange of descriptors over the socket: a floor on
+#: its size keeps a large message from turning into a flood of them.
+MIN_FRAGMENT_SIZE = 64 * 1024
 
 
 class ConfigError(ValueError):
     """An invalid ``dask-shm`` configuration value."""
 
 
-def load_defaults() -> None:
-    """Merge the packaged defaults into Dask's configuration (idempotent)."""
+@functools.cache
+def _packaged() -> dict[str, Any]:
     with open(DEFAULTS_PATH) as f:
-        defaults = yaml.safe_load(f)
-    dask.config.update_defaults(defaults)
+        loaded: dict[str, Any] = yaml.safe_load(f)
+    return loaded
+
+
+def packaged_defaults() -> dict[str, Any]:
+    """The ``dask-shm`` section of the packaged ``dask-shm.yaml`` (a copy)."""
+    return dict(_packaged()["dask-shm"])
+
+
+def load_defaults() -> None:
+    """Merge the packaged defaults into Dask's configuration (idempotent), so
+    that ``dask config get dask-shm`` shows them and Nannies hand them to the
+    workers they spawn."""
+    dask.config.update_defaults({"dask-shm": packaged_defaults()})
 
 
 @dataclass(frozen=True)
@@ -50,7 +83,10 @@ class Settings:
     enabled: bool
     directory: str
     threshold: int
+    #: Bytes of the one shared buffer a sending process keeps; 0 sends
+    #: nothing through shared memory.
     buffer_size: int
+    #: The largest piece of a message placed in the buffer at once.
     fragment_size: int
     #: Serialization families for ``shm://`` writes that name none, or None
     #: to leave distributed's defaults alone.
@@ -106,17 +142,26 @@ def _serializers(value: Any) -> tuple[str, ...] | None:
 def settings() -> Settings:
     """Read and validate the current ``dask-shm`` configuration.
 
+    Each key not set by the user has its packaged default, however the
+    configuration was assembled.
+
     Raises
     ------
     ConfigError
         If any value is invalid.
     """
-    cfg = dask.config.get("dask-shm", default=None)
-    if cfg is None:  # defaults not loaded yet (e.g. config was refreshed)
-        load_defaults()
-        cfg = dask.config.get("dask-shm")
+    configured = dask.config.get("dask-shm", default=None)
+    if configured is None:
+        configured = {}
+    if not isinstance(configured, Mapping):
+        raise ConfigError(
+            f"Invalid configuration dask-shm = {configured!r}: expected a mapping of "
+            "the keys in dask-shm-schema.yaml. Set single keys, e.g. "
+            "DASK_DASK_SHM__THRESHOLD=..., in a Dask config file or with dask.config.set."
+        )
     # Dask treats "-" and "_" alike; environment variables bring underscores.
-    cfg = {str(k).replace("_", "-"): v for k, v in cfg.items()}
+    cfg = packaged_defaults()
+    cfg.update({str(k).replace("_", "-"): v for k, v in configured.items()})
     unknown = set(cfg) - {f.name.replace("_", "-") for f in fields(Settings)}
     if unknown:
         key = sorted(unknown)[0]
@@ -131,11 +176,27 @@ def settings() -> Settings:
     ):
         raise _bad("directory", directory, "an existing directory, normally /dev/shm")
 
+    fragment_size = _nbytes("fragment-size", cfg["fragment-size"])
+    if fragment_size < MIN_FRAGMENT_SIZE:
+        raise _bad(
+            "fragment-size",
+            cfg["fragment-size"],
+            f'a byte count of at least {MIN_FRAGMENT_SIZE} (64 KiB) such as "8 MiB"',
+        )
+    buffer_size = _nbytes("buffer-size", cfg["buffer-size"])
+    if 0 < buffer_size < fragment_size:
+        raise _bad(
+            "buffer-size",
+            cfg["buffer-size"],
+            "0 (no shared memory for sending) or a byte count of at least "
+            f"dask-shm.fragment-size ({format_bytes(fragment_size)})",
+        )
+
     return Settings(
         enabled=_bool("enabled", cfg["enabled"]),
         directory=directory,
         threshold=_nbytes("threshold", cfg["threshold"]),
-        buffer_size=_nbytes("buffer-size", cfg["buffer-size"]),
-        fragment_size=max(_nbytes("fragment-size", cfg["fragment-size"]), 64 * 1024),
+        buffer_size=buffer_size,
+        fragment_size=fragment_size,
         serializers=_serializers(cfg["serializers"]),
     )

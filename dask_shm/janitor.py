@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 #: dict operations (atomic under the GIL) and no lock, so that a finalizer
 #: run by the garbage collector at any point may call :func:`forget`.
 _owned: dict[str, str] = {}
+#: Every directory this process has used: swept at exit.
+_directories: set[str] = set()
 _exit_registered = False
 
 
@@ -43,6 +45,7 @@ def own(directory: Directory, name: str) -> None:
     """Record that this process must remove ``name`` from ``directory``."""
     global _exit_registered
     _owned[name] = directory.path
+    _directories.add(directory.path)
     if not _exit_registered:
         _exit_registered = True
         atexit.register(_cleanup_at_exit)
@@ -60,9 +63,7 @@ def owned_names() -> list[str]:
 
 
 def _cleanup_at_exit() -> None:
-    paths = set()
     for name, path in list(_owned.items()):
-        paths.add(path)
         try:
             os.unlink(os.path.join(path, name))
         except OSError:
@@ -70,7 +71,7 @@ def _cleanup_at_exit() -> None:
     _owned.clear()
     # Also remove what dead processes left: a Nanny exits right after killing
     # a worker that was slow to close, and nothing else may run here again.
-    for path in paths:
+    for path in list(_directories):
         try:
             d = Directory(path)
         except OSError:
@@ -85,6 +86,7 @@ def _after_fork_in_child() -> None:
     # The child is not responsible for its parent's files.
     global _exit_registered
     _owned.clear()
+    _directories.clear()
     _exit_registered = False
 
 

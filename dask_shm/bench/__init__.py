@@ -1,20 +1,23 @@
 """``dask shm bench``: ``tcp://`` against ``shm://`` on this machine, in one run.
 
-Every case is measured for each transport in the same run, beside two
-bounds: one memcpy of the same bytes (the physical limit) and ``inproc://``
-(threads in one process: no IPC at all).  Ratios are computed from those
-medians (for cases whose repetitions interleave, comm one-way, the
-dask.array workload and cold, the median of the per-repetition ratios); the
-first repetition of each case is reported apart as "cold" and compared cold
-against cold.  Sections: comm one-way, LocalCluster paths (worker-to-worker,
-scatter/gather direct and through the scheduler) with an end-to-end
-dask.array workload (one cluster per transport, all at once), the first
-transfers of fresh clusters (cold: nothing pooled anywhere), the original
-proposal's workload (400 MB ``np.arange`` from a child over
-``multiprocessing.Pipe`` + pickle), RSS after a transfer, and joblib's
-backends.  Output: markdown tables on stdout, ``results.json`` and
-``throughput.png`` in ``--output``.  Timings are evidence here; tests never
-assert them.
+Both transports are measured side by side in the same run, their
+repetitions interleaved, and compared by the median of paired ratios.
+Sections:
+
+  workloads  real Dask work (rechunks, matmul, p2p shuffle, futures, gather):
+             wall time, worker CPU and loopback bytes
+  mixed      worker->worker, scatter, gather, round after round
+  transfers  one path repeated: comm one-way and cluster paths by payload
+             size, with memcpy as the physical bound
+  cold       a fresh cluster's first worker->worker transfer
+  memory     RSS of sender and receiver across a transfer
+  joblib     joblib's loky backend against its dask backend on each cluster
+
+Writes markdown tables to stdout, and ``results.json`` (every repetition),
+``benchmark.md`` and plots to ``--output``.  ``--report results.json``
+rebuilds ``benchmark.md`` and the plots from a saved run, measuring nothing.
+``--quick`` runs every section on small payloads in about a minute: a check
+that everything works, not a measurement.
 """
 
 from __future__ import annotations
@@ -26,234 +29,192 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["main", "SECTIONS"]
 
-DEFAULT_SIZES = "1KB,16KB,64KB,1MB,16MB,128MB,400MB"
-DEFAULT_CLUSTER_SIZES = "16MB,128MB,400MB"
-SECTIONS = ("comm", "cluster", "cold", "proposal", "memory", "joblib")
+#: In the order they run.  Cold samples but the last start their own
+#: clusters first; the last is the first transfer of the tcp:// and shm://
+#: clusters every later section shares.
+SECTIONS = ("transfers", "cold", "workloads", "mixed", "memory", "joblib")
+
+#: Defaults of a full run, and of --quick.
+FULL: dict[str, Any] = {
+    "reps": 5, "sizes": "1KB,64KB,1MB,16MB,128MB,400MB", "large": "400MB",
+    "workload_size": "400MB", "cold_samples": 3, "cold_delay": 3.0, "pause": 0.2,
+}
+QUICK: dict[str, Any] = {
+    "reps": 2, "sizes": "1KB,1MB,16MB", "large": "16MB",
+    "workload_size": "16MB", "cold_samples": 1, "cold_delay": 1.0, "pause": 0.0,
+}
 
 
-def _parse_size(s: str) -> int:
+def _size(s: str) -> int:
     from dask.utils import parse_bytes
 
     return int(parse_bytes(s))
 
 
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dask shm bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="small payloads and few repetitions (about a minute): "
+                        + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help="comma-separated subset of %(default)s")
+    p.add_argument("--reps", type=int,
+                   help=f"measured repetitions per case and transport, after one warm-up "
+                        f"(default {FULL['reps']})")
+    p.add_argument("--workers", type=int, default=3,
+                   help="process workers per cluster (default %(default)s)")
+    p.add_argument("--sizes", help=f"payloads of the transfers section (default {FULL['sizes']})")
+    p.add_argument("--large",
+                   help=f"payload of the mixed, cold, memory and joblib sections (default {FULL['large']})")
+    p.add_argument("--workload-size",
+                   help=f"about how much data each workload moves or holds (default {FULL['workload_size']})")
+    p.add_argument("--cold-samples", type=int,
+                   help=f"fresh cluster pairs in the cold section, the last being the one the other "
+                        f"sections then use (default {FULL['cold_samples']})")
+    p.add_argument("--cold-delay", type=float,
+                   help=f"seconds between a cold cluster's start and its first transfer "
+                        f"(default {FULL['cold_delay']})")
+    p.add_argument("--pause", type=float,
+                   help=f"seconds after each large repetition (default {FULL['pause']})")
+    p.add_argument("--output", default=None,
+                   help="directory for results.json, benchmark.md and the plots "
+                        "(default bench-results; with --report, the JSON's directory)")
+    p.add_argument("--report", metavar="RESULTS_JSON",
+                   help="measure nothing: regenerate benchmark.md and the plots from a saved run")
+    return p
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings: the profile's defaults, overridden by options."""
+    profile = QUICK if args.quick else FULL
+    o = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in profile.items()}
+    o.update(quick=args.quick, workers=args.workers, sections=args.sections.split(","))
+    o["sizes"] = [_size(s) for s in str(o["sizes"]).split(",")]
+    o["large"] = _size(str(o["large"]))
+    o["workload_size"] = _size(str(o["workload_size"]))
+    return o
+
+
 class _Progress:
-    """A tqdm bar when tqdm is installed, else one line per step on stderr."""
+    """One line per step on stderr, with the time since the start."""
 
-    def __init__(self, total: int) -> None:
-        try:
-            from tqdm import tqdm  # type: ignore[import-untyped]
+    def __init__(self) -> None:
+        self._t0 = time.perf_counter()
 
-            self._bar: Any = tqdm(total=total, unit="step", file=sys.stderr, leave=False)
-        except ImportError:
-            self._bar = None
-        self._done, self._total = 0, total
-
-    def step(self, label: str) -> None:
-        self._done += 1
-        if self._bar is not None:
-            self._bar.set_description(label)
-            self._bar.update(1)
-        else:
-            print(f"  [{self._done}/{self._total}] {label}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+    def __call__(self, label: str) -> None:
+        print(f"[{time.perf_counter() - self._t0:6.1f} s] {label}", file=sys.stderr, flush=True)
 
 
-def run(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
-    from dask_shm import stats
-    from dask_shm.bench import cases, joblib_case
-    from dask_shm.bench.report import fmt_size, summarize
+def run(o: dict[str, Any]) -> Any:
+    """Measure the selected sections; returns a :class:`~dask_shm.bench.results.Run`."""
+    from dask_shm.bench import joblib_case, memory, mixed, transfers, workloads
+    from dask_shm.bench.clusters import cluster_pair
+    from dask_shm.bench.machine import machine_info
+    from dask_shm.bench.results import Case, Run
 
-    sections = set(args.sections.split(","))
-    sizes = [_parse_size(s) for s in args.sizes.split(",")]
-    csizes = [_parse_size(s) for s in args.cluster_sizes.split(",")]
-    reps = args.reps + 1  # + the cold one
-    results: list[Any] = []
-    notes: dict[str, Any] = {}
-    steps: list[tuple[str, Callable[[], None]]] = []
-    substeps = 0  # progress steps inside cluster steps
+    sections, reps, pause = set(o["sections"]), o["reps"], o["pause"]
+    cases: list[Case] = []
+    skipped: dict[str, str] = {}
+    progress = _Progress()
+    t0 = time.perf_counter()
 
-    if "comm" in sections:
-        for n in sizes:
-            def comm_step(n: int = n) -> None:
-                results.append(summarize("comm one-way", "memcpy", "memcpy", n, cases.memcpy(n, args.reps), cold=False))
-                times = cases.comm_one_way(["inproc", "tcp", "shm"], [n], reps, args.pause, lambda: None)
-                for (scheme, size), t in times.items():
-                    results.append(summarize("comm one-way", "comm one-way", scheme, size, t, paired=True))
-            steps.append((f"comm one-way {n} B", comm_step))
+    if "transfers" in sections:
+        progress("transfers: memcpy and comm one-way")
+        cases += [transfers.memcpy(n, reps) for n in o["sizes"]]
+        cases += transfers.comm_one_way(o["sizes"], reps, pause)
+    cold = transfers.Cold(o["large"], o["cold_delay"]) if "cold" in sections else None
+    if cold and o["cold_samples"] > 1:
+        progress(f"cold: {o['cold_samples'] - 1} pair(s) of fresh clusters")
+        cold.fresh_samples(o["cold_samples"] - 1, o["workers"])
 
-    schemes = ["inproc", "tcp", "shm"]
-    for scheme in schemes:
-        cluster_work: list[tuple[str, Callable[[Any], None]]] = []
-        if "cluster" in sections:
-            for n in csizes:
-                def w2w(client: Any, n: int = n, scheme: str = scheme) -> None:
-                    t = cases.worker_to_worker(client, n, reps, args.pause)
-                    results.append(summarize("cluster", "worker->worker", scheme, n, t))
-                    for direct in (False, True):
-                        label = "direct" if direct else "via scheduler"
-                        s, g = cases.scatter_gather(client, n, reps, args.pause, direct)
-                        results.append(summarize("cluster", f"scatter {label}", scheme, n, s))
-                        results.append(summarize("cluster", f"gather {label}", scheme, n, g))
-                cluster_work.append((f"cluster paths {fmt_size(n)}", w2w))
-
-        if "proposal" in sections and scheme != "inproc":
-            def proposal(client: Any, scheme: str = scheme) -> None:
-                n = args.proposal_size // 8
-                t = cases.gather_arange(client, n, reps, args.pause)
-                results.append(summarize("proposal", "np.arange child->parent", scheme, n * 8, t))
-            cluster_work.append(("proposal workload", proposal))
-        if "memory" in sections and scheme != "inproc":
-            def memory(client: Any, scheme: str = scheme) -> None:
-                notes[f"rss {scheme}"] = cases.rss_after_transfer(client, max(csizes))
-            cluster_work.append(("RSS after a transfer", memory))
-        if not cluster_work:
-            continue
-        substeps += len(cluster_work)
-
-        def cluster_step(work: list[tuple[str, Callable[[Any], None]]] = cluster_work,
-                         scheme: str = scheme) -> None:
-            with cases.local_cluster(scheme, args.workers) as client:
-                for label, fn in work:
-                    progress.step(f"{scheme}: {label}")
-                    fn(client)
-                if scheme == "shm":
-                    notes["worker stats shm"] = client.run(stats.snapshot)
-        steps.append((f"start {scheme} cluster", cluster_step))
-
-    if "cluster" in sections:
-        def array() -> None:
-            times = cases.dask_array_workload(schemes, args.array_n, reps, args.pause, args.workers)
-            nbytes = args.array_n**2 * 8
-            for scheme, t in times.items():
-                results.append(summarize("end-to-end", "dask.array rechunk", scheme, nbytes, t,
-                                         paired=scheme != "inproc"))
-        steps.append(("dask.array workload (all transports at once)", array))
-
-    if "cold" in sections:
-        def cold() -> None:
-            n = max(csizes)
-            times = cases.cold_transfers(["tcp", "shm"], n, args.cold_samples, args.workers)
-            for (scheme, path), t in times.items():
-                results.append(summarize("cold", f"first {path}", scheme, n, t, cold=False,
-                                         paired=True))
-        steps.append(("cold: fresh clusters", cold))
-
-    if "proposal" in sections:
-        def pipe() -> None:
-            n = args.proposal_size // 8
-            t = cases.pipe_pickle(n, reps, args.pause)
-            results.append(summarize("proposal", "np.arange child->parent", "pipe+pickle", n * 8, t))
-        steps.append(("proposal: Pipe + pickle", pipe))
-
+    steps: list[tuple[str, Callable[[dict[str, Any]], list[Case]]]] = []
+    if "transfers" in sections:
+        steps.append(("transfers: cluster paths",
+                      lambda c: transfers.cluster_paths(c, o["sizes"], reps, pause)))
+    if "workloads" in sections:
+        chosen = workloads.make_workloads(o["workload_size"], skipped)
+        steps.append(("workloads", lambda c: workloads.run_workloads(
+            c, chosen, reps, lambda name: progress(f"workloads: {name}"))))
+    if "mixed" in sections:
+        steps.append(("mixed sequence", lambda c: mixed.mixed(c, o["large"], reps, pause)))
+    if "memory" in sections:
+        steps.append(("memory", lambda c: memory.rss_across_transfers(c, o["large"], 3)))
     if "joblib" in sections:
-        import numpy as np
+        try:
+            import joblib  # type: ignore[import-untyped]  # noqa: F401
+        except ImportError as exc:
+            skipped["joblib"] = f"joblib is not installed ({exc})"
+        else:
+            steps.append(("joblib", lambda c: joblib_case.joblib_cases(c, o["large"], reps, pause)))
+    if steps or cold:
+        progress(f"starting a tcp:// and an shm:// cluster ({o['workers']} workers each)")
+        with cluster_pair(o["workers"]) as clients:
+            if cold:
+                progress("cold: the first transfers of these clusters")
+                cold.sample(clients)
+                cases += cold.cases
+            for label, step in steps:
+                progress(label)
+                cases += step(clients)
+            progress("closing the clusters")
 
-        n = args.joblib_size // 8
-        for label, backend, config, jscheme in joblib_case.BACKENDS:
-            def jl(label: str = label, backend: str = backend, config: dict[str, Any] = config,
-                   scheme: str | None = jscheme) -> None:
-                import contextlib
-
-                ctx = cases.local_cluster(scheme, args.workers) if scheme else contextlib.nullcontext()
-                with ctx:
-                    t = joblib_case.joblib_calls(backend, config, joblib_case.make, n, reps, args.pause)
-                    results.append(summarize("joblib", "result", label, n * 8, t))
-                    arg = np.arange(n)
-                    t = joblib_case.joblib_calls(backend, config, joblib_case.consume, arg, reps, args.pause)
-                    results.append(summarize("joblib", "argument", label, n * 8, t))
-            steps.append((f"joblib {label}", jl))
-
-    progress = _Progress(len(steps) + substeps)
-    try:
-        for label, fn in steps:
-            progress.step(label)
-            fn()
-    finally:
-        progress.close()
-    return results, notes
+    notes = {"wall seconds": round(time.perf_counter() - t0, 1), "skipped": skipped}
+    return Run(machine_info(), o, cases, notes)
 
 
-def render(results: list[Any], notes: dict[str, Any]) -> str:
-    from dask_shm.bench.report import fmt_size, table
+def write(run: Any, directory: str) -> dict[str, str]:
+    """Plots and ``benchmark.md`` of ``run`` into ``directory``; returns the
+    plots drawn (section -> file name)."""
+    from dask_shm.bench.plots import draw_all
+    from dask_shm.bench.report import benchmark_md
 
-    out = ["## tcp:// against shm://, with memcpy and inproc:// (threads) as bounds", ""]
-    out.append(table([r for r in results if r.section != "joblib" and r.section != "proposal"],
-                     "tcp", "shm", ("memcpy", "inproc")))
-    prop = [r for r in results if r.section == "proposal"]
-    if prop:
-        out += ["", "## The proposal's workload (np.arange child -> parent)", ""]
-        out.append(table(prop, "pipe+pickle", "shm", ("tcp",)))
-    jl = [r for r in results if r.section == "joblib"]
-    if jl:
-        labels = list(dict.fromkeys(r.transport for r in jl))
-        out += ["", "## joblib backends, one call (median ms; cold in parentheses)", ""]
-        out.append("| case | " + " | ".join(labels) + " | loky/shm | dask tcp/shm |")
-        out.append("|" + "---|" * (len(labels) + 3))
-        for path in dict.fromkeys(r.path for r in jl):
-            row = {r.transport: r for r in jl if r.path == path}
-            cells = [f"{row[t].median * 1e3:.0f} ({(row[t].cold or 0) * 1e3:.0f})" if t in row else "-"
-                     for t in labels]
-            shm = row.get("dask shm://")
-            loky = row.get("loky (auto-memmap)")
-            tcp = row.get("dask tcp://")
-            r1 = f"{loky.median / shm.median:.2f}" if loky and shm else "-"
-            r2 = f"{tcp.median / shm.median:.2f}" if tcp and shm else "-"
-            out.append(f"| {path} ({fmt_size(next(iter(row.values())).nbytes)}) | " + " | ".join(cells) + f" | {r1} | {r2} |")
-    rss = {k: v for k, v in notes.items() if k.startswith("rss")}
-    if rss:
-        out += ["", "## RSS change across one worker-to-worker transfer, as a fraction of the payload "
-                "(pools' idle segments released before each reading; active memory manager paused)", ""]
-        out.append("| transport | sender | receiver |")
-        out.append("|---|---|---|")
-        for k, v in rss.items():
-            out.append(f"| {k.split()[1]} | {v['sender']:+.2f} | {v['receiver']:+.2f} |")
-    return "\n".join(out)
+    os.makedirs(directory, exist_ok=True)
+    images = draw_all(run, directory)
+    with open(os.path.join(directory, "benchmark.md"), "w") as f:
+        f.write(benchmark_md(run, images))
+    return images
+
+
+def _plots_written(images: dict[str, str]) -> str:
+    if images:
+        return ", " + ", ".join(images.values())
+    return " (no plots: they need matplotlib, and the workloads or transfers section)"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dask shm bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default=DEFAULT_SIZES, help="comm payloads (default %(default)s)")
-    p.add_argument("--cluster-sizes", default=DEFAULT_CLUSTER_SIZES,
-                   help="LocalCluster payloads (default %(default)s)")
-    p.add_argument("--reps", type=int, default=7, help="warm repetitions per case (default %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="LocalCluster workers (default %(default)s)")
-    p.add_argument("--pause", type=float, default=0.2,
-                   help="seconds between large repetitions (default %(default)s)")
-    p.add_argument("--cold-samples", type=int, default=6,
-                   help="fresh clusters per transport for the cold section (default %(default)s)")
-    p.add_argument("--array-n", type=int, default=8000,
-                   help="side of the dask.array workload's float64 matrix (default %(default)s)")
-    p.add_argument("--proposal-size", type=_parse_size, default="400MB",
-                   help="the proposal workload's array (default %(default)s)")
-    p.add_argument("--joblib-size", type=_parse_size, default="400MB",
-                   help="joblib's argument and result (default %(default)s)")
-    p.add_argument("--sections", default=",".join(SECTIONS),
-                   help="comma-separated subset of %(default)s")
-    p.add_argument("--output", default="bench-results",
-                   help="directory for results.json and throughput.png (default %(default)s)")
+    """The ``dask shm bench`` command."""
+    p = _parser()
     args = p.parse_args(argv)
+    from dask_shm.bench import results
+    from dask_shm.bench.report import tables
+
+    if args.report:
+        try:
+            saved = results.load(args.report)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            p.error(f"cannot read {args.report}: {exc}")
+        out = args.output or os.path.dirname(os.path.abspath(args.report))
+        images = write(saved, out)
+        print(tables(saved))
+        print(f"\nwrote {os.path.join(out, 'benchmark.md')}" + _plots_written(images))
+        return 0
+
     unknown = set(args.sections.split(",")) - set(SECTIONS)
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
-
-    from dask_shm.bench.report import plot, write_json
-
-    t0 = time.perf_counter()
-    results, notes = run(args)
-    notes["wall seconds"] = round(time.perf_counter() - t0, 1)
-    print(render(results, notes))
-    os.makedirs(args.output, exist_ok=True)
-    write_json(os.path.join(args.output, "results.json"), vars(args), results, notes)
-    png = os.path.join(args.output, "throughput.png")
-    drawn = plot(png, results, "comm one-way", ["memcpy", "inproc", "tcp", "shm"])
-    print(f"\nwall time {notes['wall seconds']} s; results in {args.output}/results.json"
-          + (f" and {png}" if drawn else
-             " (no plot: it needs matplotlib and the comm section)"))
+    for name in ("reps", "cold_samples", "workers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    out = args.output or "bench-results"
+    measured = run(_options(args))
+    os.makedirs(out, exist_ok=True)
+    results.save(os.path.join(out, "results.json"), measured)
+    images = write(measured, out)
+    print(tables(measured))
+    print(f"\n{measured.notes['wall seconds']} s; wrote {out}/results.json, {out}/benchmark.md"
+          + _plots_written(images)
+          + f"; regenerate the report with: dask shm bench --report {out}/results.json")
     return 0

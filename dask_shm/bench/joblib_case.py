@@ -1,10 +1,15 @@
-"""The joblib section: the same function through joblib's backends.
+"""joblib: one call with a large result, one with a large argument, through
+joblib's own process backend and through Dask's.
 
 ``loky`` (joblib's default) memory-maps large arguments through files in a
-temporary folder (``/dev/shm`` on Linux) but pickles results through pipes;
-``loky`` with ``max_nbytes=None`` pickles arguments too.  The ``dask``
-backend runs on a LocalCluster over ``tcp://`` or ``shm://``; joblib scatters
-large arguments and gathers results through the client.
+temporary folder (``/dev/shm`` on Linux) but pickles results through pipes.
+The ``dask``
+backend runs on the benchmark's ``tcp://`` or ``shm://`` cluster; joblib
+scatters large arguments and gathers results through the client.  This is
+what a scikit-learn or joblib user would choose between.  The backends'
+repetitions interleave; the first of each is a warm-up (loky starts its
+processes then; two loky configurations would not share its processes,
+so there is one).
 """
 
 from __future__ import annotations
@@ -15,15 +20,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["make", "consume", "joblib_calls", "BACKENDS"]
+from dask_shm.bench.paired import interleaved
+from dask_shm.bench.results import Case
 
-#: (label, joblib backend, extra parallel_config arguments, cluster scheme)
-BACKENDS: list[tuple[str, str, dict[str, Any], str | None]] = [
-    ("loky (auto-memmap)", "loky", {}, None),
-    ("loky (no memmap)", "loky", {"max_nbytes": None}, None),
-    ("dask tcp://", "dask", {}, "tcp"),
-    ("dask shm://", "dask", {}, "shm"),
-]
+__all__ = ["make", "consume", "joblib_cases", "BACKENDS"]
+
+SECTION = "joblib"
+#: label -> (joblib backend, parallel_config arguments, cluster transport or None)
+BACKENDS: dict[str, tuple[str, dict[str, Any], str | None]] = {
+    "loky": ("loky", {}, None),
+    "dask tcp": ("dask", {}, "tcp"),
+    "dask shm": ("dask", {}, "shm"),
+}
 
 
 def make(n: int) -> np.ndarray:
@@ -36,18 +44,30 @@ def consume(x: np.ndarray) -> int:
     return int(x[-1])
 
 
-def joblib_calls(
-    backend: str, config: dict[str, Any], fn: Callable[..., Any], arg: Any, reps: int, pause: float
-) -> list[float]:
-    """Time ``reps`` joblib calls of ``fn(arg)`` (one task each)."""
+def _one_call(backend: str, config: dict[str, Any], fn: Callable[[Any], Any], arg: Any) -> float:
     from joblib import Parallel, delayed, parallel_config  # type: ignore[import-untyped]
 
-    out = []
     with parallel_config(backend=backend, n_jobs=2, **config):
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            (res,) = Parallel()([delayed(fn)(arg)])
-            out.append(time.perf_counter() - t0)
-            del res
-            time.sleep(pause)
-    return out
+        t0 = time.perf_counter()
+        (res,) = Parallel()([delayed(fn)(arg)])
+        t = time.perf_counter() - t0
+    del res
+    return t
+
+
+def joblib_cases(clients: dict[str, Any], nbytes: int, reps: int, pause: float) -> list[Case]:
+    """A call returning ``nbytes`` and a call taking ``nbytes``, per backend."""
+    n = nbytes // 8
+    arg = np.arange(n)
+    cases = []
+    for name, fn, x in (("result", make, n), ("argument", consume, arg)):
+        case = Case(SECTION, name, n * 8)
+        for rep in range(reps + 1):
+            for label in interleaved(list(BACKENDS), rep):
+                backend, config, scheme = BACKENDS[label]
+                if scheme is not None:
+                    config = {**config, "client": clients[scheme]}
+                case.add(label, {"wall": _one_call(backend, config, fn, x)}, warmup=rep == 0)
+                time.sleep(pause)
+        cases.append(case)
+    return cases

@@ -1,148 +1,300 @@
-"""Results of one benchmark run: summaries, the table, JSON and the plot."""
+"""Markdown from a run's records: the tables, and ``benchmark.md``.
+
+Everything here reads a :class:`~dask_shm.bench.results.Run` and nothing
+else, so ``dask shm bench --report results.json`` rebuilds the report of any
+earlier run without measuring.  Ratios are oriented so that the reader
+never has to flip them: wall time tcp/shm (above 1: shm is faster), CPU and
+loopback bytes shm/tcp (below 1: shm is cheaper).
+"""
 
 from __future__ import annotations
 
-import json
 import math
-import statistics
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Callable
 
-__all__ = ["Result", "summarize", "ratio", "fmt_size", "table", "write_json", "plot"]
+from dask_shm.bench.mixed import STEPS
+from dask_shm.bench.paired import iqr, median
+from dask_shm.bench.results import Case, Run
+
+__all__ = ["fmt_size", "tables", "benchmark_md"]
 
 MB = 10**6
 
 
-@dataclass
-class Result:
-    """One case (path, transport, payload) of one run.  Times in seconds."""
-
-    section: str
-    path: str
-    transport: str
-    nbytes: int
-    median: float
-    spread: float  #: interquartile range of the warm repetitions
-    cold: float | None  #: the first repetition, before anything was warm
-    reps: int
-    extra: dict[str, Any] = field(default_factory=dict)
+# -- formatting ------------------------------------------------------------------
 
 
-def summarize(
-    section: str, path: str, transport: str, nbytes: int, times: list[float], cold: bool = True,
-    paired: bool = False,
-) -> Result:
-    """Median and spread of the warm repetitions; the first one is "cold".
-
-    The warm repetitions' raw times are kept (``extra["times"]``, in the
-    JSON).  ``paired``: they interleave with another transport's, one for
-    one, and :func:`ratio` takes the median of the per-repetition ratios,
-    which cancels the machine's drift.
-    """
-    first = times[0] if cold and len(times) > 1 else None
-    warm = times[1:] if first is not None else times
-    q = statistics.quantiles(warm, n=4) if len(warm) > 1 else [warm[0]] * 3
-    extra: dict[str, Any] = {"times": warm, "paired": paired}
-    return Result(section, path, transport, nbytes, statistics.median(warm), q[2] - q[0], first,
-                  len(warm), extra)
-
-
-def fmt_size(n: int) -> str:
+def fmt_size(n: float | None) -> str:
+    """Decimal units, as the payloads are chosen: 400 MB = 400 * 10**6 bytes."""
+    if n is None:
+        return "-"
     for unit, k in (("GB", 10**9), ("MB", MB), ("KB", 1000)):
-        if n >= k:
-            return f"{n / k:g} {unit}"
-    return f"{n} B"
+        if abs(n) >= k:
+            return f"{n / k:.3g} {unit}"
+    return f"{n:.0f} B"
 
 
 def _ms(t: float | None) -> str:
     if t is None or math.isnan(t):
         return "-"
-    return f"{t * 1e3:.3f}" if t < 0.01 else f"{t * 1e3:.1f}"
+    ms = t * 1e3
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 10 else f"{ms:.1f}" if ms < 1000 else f"{ms:.0f}"
 
 
-def _ratio(a: float | None, b: float | None) -> str:
-    if not a or not b:
+def _s(t: float | None) -> str:
+    return "-" if t is None else f"{t:.3g}"
+
+
+def _x(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}"
+
+
+def _pct(r: float | None) -> str:
+    if r is None:
         return "-"
-    return f"{a / b:.2f}"
+    return f"{r * 100:.1f}%" if r < 0.1 else f"{r * 100:.0f}%"
 
 
-def ratio(base: Result, cont: Result) -> float:
-    """``base`` over ``cont``: the median of per-repetition ratios when both
-    were measured interleaved (see :func:`summarize`), else of the medians."""
-    a, b = base.extra.get("times"), cont.extra.get("times")
-    if base.extra.get("paired") and cont.extra.get("paired") and a and b and len(a) == len(b):
-        return statistics.median(x / y for x, y in zip(a, b))
-    return base.median / cont.median
+def _frac(r: float | None) -> str:
+    return "-" if r is None else f"{r:+.2f}"
 
 
-def table(results: list[Result], baseline: str, contender: str, bounds: tuple[str, ...]) -> str:
-    """A markdown table: for each (section, path, size), the baseline and the
-    contender transport side by side, their ratio, the bounds, and cold
-    against cold."""
-    by = {(r.section, r.path, r.transport, r.nbytes): r for r in results}
-    keys = list(dict.fromkeys((r.section, r.path, r.nbytes) for r in results))
-    memcpy = {r.nbytes: r for r in results if r.transport == "memcpy"}
-    head = [
-        "section", "path", "size", f"{baseline} ms", f"{contender} ms", f"{baseline}/{contender}",
-        "± spread (IQR, ms)", *(f"{b} ms" for b in bounds), f"{contender}/{bounds[0]}" if bounds else "",
-        f"{baseline} cold", f"{contender} cold", "cold ratio",
-    ]
-    lines = ["| " + " | ".join(h for h in head if h) + " |", "|" + "---|" * len([h for h in head if h])]
-    for section, path, n in keys:
-        base = by.get((section, path, baseline, n))
-        cont = by.get((section, path, contender, n))
-        if base is None or cont is None:
+#: Columns of transports in this order; others after them.
+_ORDER = ("loky", "tcp", "dask tcp", "shm", "dask shm")
+
+
+def _ordered(transports: list[str]) -> list[str]:
+    return sorted(transports, key=lambda t: _ORDER.index(t) if t in _ORDER else len(_ORDER))
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    return "\n".join([_row(head), _row(["---"] * len(head)), *(_row(r) for r in rows)])
+
+
+def _over(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+# -- one table per section ---------------------------------------------------------
+
+
+def workloads_table(cases: list[Case]) -> str:
+    head = ["workload", "data", "wall tcp/shm", "worker CPU shm/tcp", "loopback shm/tcp",
+            "wall tcp (s)", "wall shm (s)", "CPU tcp (s)", "CPU shm (s)",
+            "loopback tcp", "loopback shm"]
+    rows = [[
+        c.name, fmt_size(c.nbytes),
+        _x(c.ratio("tcp", "shm")), _x(c.ratio("shm", "tcp", "cpu")), _pct(c.ratio("shm", "tcp", "lo")),
+        _s(c.median("tcp")), _s(c.median("shm")), _s(c.median("tcp", "cpu")), _s(c.median("shm", "cpu")),
+        fmt_size(c.median("tcp", "lo")), fmt_size(c.median("shm", "lo")),
+    ] for c in cases]
+    return _table(head, rows)
+
+
+def counters_table(cases: list[Case]) -> str:
+    rows = []
+    for c in cases:
+        counters = c.extra.get("shm counters") or {}
+        text = ", ".join(f"{k} {fmt_size(v) if k.endswith('bytes') else v}"
+                         for k, v in sorted(counters.items())) or "none"
+        rows.append([c.name, text])
+    return _table(["workload", "change in dask-shm's counters on the shm cluster's workers "
+                               "(all repetitions, warm-up included)"], rows)
+
+
+def _memcpy(run: Run, section: str, nbytes: int) -> float | None:
+    c = run.find(section, "memcpy", nbytes)
+    return c.median("memcpy") if c else None
+
+
+def transfers_table(run: Run) -> str:
+    head = ["path", "size", "tcp ms", "shm ms", "tcp/shm", "IQR tcp / shm (ms)", "memcpy ms",
+            "shm/memcpy", "warm-up tcp / shm (ms)"]
+    cases = [c for c in run.section("transfers") if c.name != "memcpy"]
+    paths = list(dict.fromkeys(c.name for c in cases))
+    rows = []
+    for c in sorted(cases, key=lambda c: (paths.index(c.name), c.nbytes)):
+        mc = _memcpy(run, "transfers", c.nbytes)
+        rows.append([
+            c.name, fmt_size(c.nbytes), _ms(c.median("tcp")), _ms(c.median("shm")),
+            _x(c.ratio("tcp", "shm")), f"{_ms(iqr(c.values('tcp')))} / {_ms(iqr(c.values('shm')))}",
+            _ms(mc), _x(_over(c.median("shm"), mc)),
+            f"{_ms(c.warmup.get('tcp', {}).get('wall'))} / {_ms(c.warmup.get('shm', {}).get('wall'))}",
+        ])
+    return _table(head, rows)
+
+
+def mixed_table(run: Run) -> str:
+    head = ["step", "size", "tcp ms", "shm ms", "tcp/shm", "memcpy ms", "tcp/memcpy", "shm/memcpy"]
+    rows = []
+    for c in run.section("mixed"):
+        if c.name == "memcpy":
             continue
-        bnd = [by.get((section, path, b, n)) or memcpy.get(n) if b == "memcpy"
-               else by.get((section, path, b, n)) for b in bounds]
-        row = [
-            section, path, fmt_size(n), _ms(base.median), _ms(cont.median),
-            f"{ratio(base, cont):.2f}",
-            f"{_ms(base.spread)} / {_ms(cont.spread)}",
-            *(_ms(b.median if b else None) for b in bnd),
-        ]
-        if bounds:
-            row.append(_ratio(cont.median, bnd[0].median if bnd[0] else None))
-        row += [_ms(base.cold), _ms(cont.cold), _ratio(base.cold, cont.cold)]
-        lines.append("| " + " | ".join(row) + " |")
+        mc = _memcpy(run, "mixed", c.nbytes)
+        rows.append([c.name, fmt_size(c.nbytes), _ms(c.median("tcp")), _ms(c.median("shm")),
+                     _x(c.ratio("tcp", "shm")), _ms(mc), _x(_over(c.median("tcp"), mc)),
+                     _x(_over(c.median("shm"), mc))])
+    return _table(head, rows)
+
+
+def cold_table(cases: list[Case]) -> str:
+    head = ["transfer", "size", "tcp ms", "shm ms", "tcp/shm", "samples (tcp; shm, ms)"]
+    rows = [[c.name, fmt_size(c.nbytes), _ms(c.median("tcp")), _ms(c.median("shm")),
+             _x(c.ratio("tcp", "shm")),
+             ", ".join(_ms(t) for t in c.values("tcp")) + "; " + ", ".join(_ms(t) for t in c.values("shm"))]
+            for c in cases]
+    return _table(head, rows)
+
+
+def memory_table(cases: list[Case]) -> str:
+    head = ["transport", "size", "sender first / later", "receiver first / later",
+            "shm directory first / later"]
+    rows = []
+    for c in cases:
+        for t in _ordered(c.transports):
+            cells = []
+            for m in ("sender", "receiver", "shm directory"):
+                v = c.values(t, m)
+                cells.append(f"{_frac(v[0] if v else None)} / {_frac(median(v[1:]))}")
+            rows.append([t, fmt_size(c.nbytes), *cells])
+    return _table(head, rows)
+
+
+def joblib_table(cases: list[Case]) -> str:
+    labels = _ordered(list(dict.fromkeys(t for c in cases for t in c.transports)))
+    head = ["call", "size", *(f"{t} ms" for t in labels), "loky/dask shm", "dask tcp/shm"]
+    rows = [[f"large {c.name}", fmt_size(c.nbytes), *(_ms(c.median(t)) for t in labels),
+             _x(c.ratio("loky", "dask shm")), _x(c.ratio("dask tcp", "dask shm"))] for c in cases]
+    return _table(head, rows)
+
+
+# -- assembling ----------------------------------------------------------------------
+
+#: section -> (title, what the table shows, renderer)
+_SECTIONS: dict[str, tuple[str, str, Callable[[Run], str]]] = {
+    "workloads": (
+        "Real workloads",
+        "Medians of paired ratios; wall tcp/shm above 1 means shm is faster, worker CPU and "
+        "loopback bytes shm/tcp below 1 mean shm is cheaper. Absolute figures are medians.",
+        lambda r: workloads_table(r.section("workloads")) + "\n\n" + counters_table(r.section("workloads")),
+    ),
+    "mixed": (
+        "Mixed sequence",
+        "Each round: " + ", then ".join(STEPS) + ", on one cluster, then the other. "
+        "tcp/shm is the median of paired ratios; x/memcpy compares with one copy of the same bytes.",
+        mixed_table,
+    ),
+    "transfers": (
+        "Transfers, the same path repeated",
+        "One payload at a time. tcp/shm is the median of paired ratios; memcpy is one copy into "
+        "touched memory, the physical bound.",
+        transfers_table,
+    ),
+    "cold": (
+        "Cold: a fresh cluster's first transfer",
+        "Each sample starts a tcp:// and an shm:// cluster, waits, then times their first and "
+        "second worker->worker transfers.",
+        lambda r: cold_table(r.section("cold")),
+    ),
+    "memory": (
+        "Memory across a worker->worker transfer",
+        "RSS growth of sender and receiver, and growth of the shm directory's use, as multiples "
+        "of the payload; the receiver keeps the data (ideal: sender +0, receiver +1). The first "
+        "round is this section's first: the clusters have run the sections before it.",
+        lambda r: memory_table(r.section("memory")),
+    ),
+    "joblib": (
+        "joblib backends, one call",
+        "Median ms per call; ratios are medians of paired ratios.",
+        lambda r: joblib_table(r.section("joblib")),
+    ),
+}
+
+
+def tables(run: Run, images: dict[str, str] | None = None, level: str = "##") -> str:
+    """Every section the run has, as headed markdown tables; ``images``
+    (section -> file name) are linked under their section's table."""
+    out: list[str] = []
+    for key, (title, blurb, render) in _SECTIONS.items():
+        if not run.section(key):
+            continue
+        out += [f"{level} {title}", "", blurb, "", render(run), ""]
+        if images and key in images:
+            out += [f"![{title}]({images[key]})", ""]
+    skipped = run.notes.get("skipped") or {}
+    if skipped:
+        out += [f"{level} Not run", ""]
+        out += [f"- {name}: {why}" for name, why in skipped.items()] + [""]
+    return "\n".join(out)
+
+
+def _machine_table(run: Run) -> str:
+    m = run.machine
+    versions = ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items())
+    rows = [
+        ["CPU", f"{m.get('cpu model')}, {m.get('cpu count')} CPUs ({m.get('cpus usable')} usable)"],
+        ["memory", fmt_size(m.get("memory"))],
+        ["kernel", f"{m.get('kernel')} ({m.get('architecture')})"],
+        ["Python", str(m.get("python"))],
+        ["versions", versions],
+        ["shm directory", f"{m.get('shm directory')}, {fmt_size(m.get('shm directory size'))}"],
+        ["transparent huge pages", f"shmem_enabled = {m.get('thp shmem_enabled')}, "
+                                   f"enabled = {m.get('thp enabled')}"],
+        ["date", str(m.get("date"))],
+    ]
+    return _table(["", ""], rows)
+
+
+def _method(run: Run) -> str:
+    o = run.options
+    lines = [
+        "## Method",
+        "",
+        f"- Two LocalClusters run side by side, one on `tcp://` and one on `shm://`, each with "
+        f"{o.get('workers')} process workers of one thread. Both stay alive through the cluster "
+        "sections; one repetition runs at a time.",
+        "- Repetitions interleave: tcp, shm, then shm, tcp, and so on, so that the machine's drift "
+        "hits both alike. The first repetition of each transport is a warm-up and is not counted "
+        "(it is kept in the JSON).",
+        "- Ratios are medians of paired ratios: repetition *i* of tcp against repetition *i* of "
+        f"shm, {o.get('reps')} pairs per case. Absolute times are medians and vary from run to run.",
+        "- Worker CPU is user + system time of the worker processes (`os.times()` in each worker "
+        "before and after a repetition, summed). Loopback bytes are bytes received on interface "
+        "`lo` (`/proc/net/dev`) during a repetition: what shared memory did not carry.",
+        "- Workload inputs are persisted before timing; results are released and the scheduler "
+        "drained between repetitions.",
+        f"- Cold: each sample starts a fresh tcp:// and shm:// cluster, waits "
+        f"{o.get('cold_delay')} s, then times each one's first worker->worker transfer, then a "
+        "second (order alternating between samples); the benchmark resets or trims nothing. "
+        "The last sample is taken on the clusters the other sections then use.",
+        "- The loopback counter is host-wide: anything else using `lo` meanwhile is counted too.",
+        "- 1 MB = 10^6 bytes.",
+    ]
+    if o.get("quick"):
+        lines.append("- **This was a `--quick` run**: small payloads and few repetitions. It checks "
+                     "that everything runs; its ratios say little about large transfers.")
     return "\n".join(lines)
 
 
-def write_json(path: str, args: dict[str, Any], results: list[Result], notes: dict[str, Any]) -> None:
-    with open(path, "w") as f:
-        json.dump({"args": args, "notes": notes, "results": [asdict(r) for r in results]}, f, indent=1)
-
-
-def plot(path: str, results: list[Result], section: str, transports: list[str]) -> bool:
-    """Throughput against payload size, one line per transport, with the
-    memcpy limit drawn.  Returns False if matplotlib is missing."""
-    if not any(r.section == section and r.transport in transports for r in results):
-        return False  # that section was not run
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for t in transports:
-        pts = sorted((r.nbytes, r.nbytes / r.median) for r in results
-                     if r.section == section and r.transport == t and r.median > 0)
-        if pts:
-            xs, ys = [p[0] for p in pts], [p[1] / 1e9 for p in pts]
-            if t == "memcpy":
-                ax.plot(xs, ys, label="memcpy (limit)", linestyle="--", color="black")
-            else:
-                ax.plot(xs, ys, label=t, marker="o")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("payload (bytes)")
-    ax.set_ylabel("throughput (GB/s)")
-    ax.set_title(f"dask shm bench: {section} (median of warm repetitions)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+def benchmark_md(run: Run, images: dict[str, str]) -> str:
+    """The whole report: method, machine, every table, links to the plots."""
+    wall = run.notes.get("wall seconds")
+    return "\n".join([
+        "# dask-shm benchmark: tcp:// against shm://",
+        "",
+        "Generated by `dask shm bench` from `results.json` (every repetition of both transports); "
+        "`dask shm bench --report results.json` regenerates this page and its plots."
+        + (f" The run took {wall:.0f} s." if isinstance(wall, (int, float)) else ""),
+        "",
+        _method(run),
+        "",
+        "## Machine",
+        "",
+        _machine_table(run),
+        "",
+        tables(run, images),
+    ])
