@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None,
                    help="directory for results.json, benchmark.md and the plots "
                         "(default bench-results; with --report, the JSON's directory)")
+    p.add_argument("--readme", metavar="README",
+                   help="with --report: also rewrite the benchmark summary in this README")
     p.add_argument("--report", metavar="RESULTS_JSON",
                    help="measure nothing: regenerate benchmark.md and the plots from a saved run")
     return p
@@ -198,6 +200,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"cannot read {args.report}: {exc}")
         out = args.output or os.path.dirname(os.path.abspath(args.report))
         images = write(saved, out)
+        if args.readme:
+            from dask_shm.bench.report import fill_readme
+
+            with open(args.readme) as f:
+                text = fill_readme(f.read(), saved)
+            with open(args.readme, "w") as f:
+                f.write(text)
         print(tables(saved))
         print(f"\nwrote {os.path.join(out, 'benchmark.md')}" + _plots_written(images))
         return 0

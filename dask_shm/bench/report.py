@@ -16,7 +16,7 @@ from dask_shm.bench.mixed import STEPS
 from dask_shm.bench.paired import iqr, median
 from dask_shm.bench.results import Case, Run
 
-__all__ = ["fmt_size", "tables", "benchmark_md"]
+__all__ = ["fmt_size", "tables", "benchmark_md", "readme_summary", "README_MARKERS"]
 
 MB = 10**6
 
@@ -298,3 +298,30 @@ def benchmark_md(run: Run, images: dict[str, str]) -> str:
         "",
         tables(run, images),
     ])
+
+
+#: The README block :func:`readme_summary` fills (``--readme``).
+README_MARKERS = ("<!-- bench-tables -->", "<!-- /bench-tables -->")
+
+
+def readme_summary(run: Run) -> str:
+    """The README's benchmark summary: the real workloads and the large
+    transfers of the mixed sequence, from ``run`` alone."""
+    m = run.machine
+    machine = f"{m.get('cpu count', '?')} CPUs, {m.get('cpu model', 'unknown CPU')}"
+    out = [
+        f"One default run ({machine}; {run.notes.get('wall seconds', '?')} s). "
+        "Wall tcp/shm above 1 and CPU or loopback shm/tcp below 1 favour shm://.",
+        "",
+        workloads_table(run.section("workloads")),
+        "",
+        mixed_table(run),
+    ]
+    return "\n".join(out)
+
+
+def fill_readme(text: str, run: Run) -> str:
+    """``text`` (a README) with its benchmark block replaced from ``run``."""
+    start, end = README_MARKERS
+    i, j = text.index(start) + len(start), text.index(end)
+    return text[:i] + "\n" + readme_summary(run) + "\n" + text[j:]
