@@ -10,16 +10,21 @@ our files or the directory, no mapping of one of our files, no thread named
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
+import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 import dask
 import pytest
@@ -35,6 +40,8 @@ from dask_shm.names import PREFIX
 #: runs on one machine do not see each other's files; make it mode 1777
 #: like /dev/shm, for the other-user test).
 SHM_DIR = os.environ.get("DASK_DASK_SHM__DIRECTORY", "/dev/shm")
+#: The repository: peer processes run ``python -m tests.peers`` from here.
+ROOT = str(Path(__file__).resolve().parent.parent)
 #: How long a test's processes may take to release what they own (a
 #: subprocess's exit, a comm's other end noticing a close).
 SETTLE = 10.0
@@ -227,3 +234,97 @@ async def first_read_error(
             return await asyncio.wait_for(errors.get(), 10)
         finally:
             comm.abort()
+
+
+def peer_env(**conf: str) -> dict[str, str]:
+    """The environment of a peer process: ours, with ``dask-shm`` keys
+    (``buffer_size="1 MiB"``) and any ``DASK_...`` variable (given whole)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    for key, value in conf.items():
+        env[key if key.startswith("DASK_") else f"DASK_DASK_SHM__{key.upper()}"] = value
+    return env
+
+
+class Peer:
+    """A process running a role of :mod:`tests.peers` (see :func:`peer`)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, log: IO[bytes]) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.log = log
+
+    async def _line(self, word: str, timeout: float) -> list[str]:
+        assert self.proc.stdout is not None
+        while True:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+            if not line:
+                raise AssertionError(f"peer ended before {word}: {self.stderr()}")
+            words = line.decode().split(maxsplit=1)
+            if words and words[0] == word:
+                return words[1:]
+
+    async def ready(self, timeout: float = 30) -> str:
+        """What the peer printed after READY (an address, or nothing)."""
+        return " ".join(await self._line("READY", timeout))
+
+    async def done(self, timeout: float = 60) -> dict[str, Any]:
+        """Its counters, once it ended normally."""
+        words = await self._line("DONE", timeout)
+        assert await asyncio.wait_for(self.proc.wait(), timeout) == 0, self.stderr()
+        return json.loads(words[0])  # type: ignore[no-any-return]
+
+    async def killed(self, timeout: float = 60) -> None:
+        """Wait for its death by SIGKILL (from outside or from --die-at)."""
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        assert code == -signal.SIGKILL, (code, self.stderr())
+
+    def stderr(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-3000:]
+
+    def files(self) -> list[str]:
+        """Our files in the shm directory named with this process's pid."""
+        return [n for n in ours() if n.startswith(f"{PREFIX}{self.pid}-")]
+
+
+@asynccontextmanager
+async def peer(role: str, *args: str, **conf: str) -> AsyncIterator[Peer]:
+    """Run ``python -m tests.peers role *args`` with ``conf`` (see
+    :func:`peer_env`); kill it on the way out if it still runs."""
+    with tempfile.TemporaryFile() as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.peers", role, *args,
+            cwd=ROOT, env=peer_env(**conf), stdout=asyncio.subprocess.PIPE, stderr=log,
+        )
+        try:
+            yield Peer(proc, log)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+            assert proc.stdout is not None
+            await proc.stdout.read()
+
+
+IN_ACCESS, IN_MODIFY, IN_ATTRIB, IN_OPEN = 0x1, 0x2, 0x4, 0x20
+
+
+class OpenWatch:
+    """inotify on one file: whether anything opened, read, wrote or
+    re-attributed it since the watch started."""
+
+    def __init__(self, path: str | Path) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        assert self.fd >= 0, os.strerror(ctypes.get_errno())
+        mask = IN_ACCESS | IN_MODIFY | IN_ATTRIB | IN_OPEN
+        assert libc.inotify_add_watch(self.fd, str(path).encode(), mask) >= 0
+
+    def events(self) -> bytes:
+        try:
+            return os.read(self.fd, 4096)
+        except BlockingIOError:
+            return b""
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -1,0 +1,259 @@
+"""Peer processes for the tests: ``python -m tests.peers ROLE ARG...``.
+
+Each role is a small, real Dask comm end in its own process (its own buffer,
+its own pid), driven from the test through its command line and its output:
+it prints one line ``READY ...`` when the test may go on, and ``DONE <json>``
+(its counters) when it ends normally.  Fault injection (``--die-at N``) kills
+the process with SIGKILL from inside the data path, at an exact point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from distributed.comm import connect, listen
+from distributed.comm.core import Comm, CommClosedError
+from distributed.protocol import to_serialize
+
+from dask_shm import stats
+from dask_shm.buffers import Buffer, Inbox
+
+
+def say(*words: object) -> None:
+    print(*words, flush=True)
+
+
+def done(**extra: Any) -> None:
+    say("DONE", json.dumps({**stats.snapshot(), **extra}))
+
+
+def die_at(cls: type, method: str, n: int) -> None:
+    """SIGKILL this process when ``cls.method`` is called for the ``n``-th time."""
+    real: Callable[..., Any] = getattr(cls, method)
+    calls = [0]
+
+    def dying(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    setattr(cls, method, dying)
+
+
+def payload(nbytes: int, seed: int = 0) -> np.ndarray:
+    """Bytes whose values depend on their position: a region delivered in the
+    wrong place, twice or stale shows."""
+    return ((np.arange(nbytes, dtype=np.uint64) * 2654435761 + seed) >> 7).astype(np.uint8)
+
+
+async def echo(args: list[str]) -> None:
+    """Listen; echo every message of the first comm back (``{"x": ...}``
+    re-serialized); print DONE when that comm closes."""
+    finished = asyncio.Event()
+
+    async def handler(comm: Comm) -> None:
+        try:
+            while True:
+                msg = await comm.read()
+                msg["x"] = to_serialize(msg["x"])
+                await comm.write(msg)
+        except CommClosedError:
+            pass
+        finally:
+            await comm.close()
+            finished.set()
+
+    async with listen("shm://127.0.0.1:0", handler) as listener:
+        say("READY", listener.contact_address)
+        await finished.wait()
+    done()
+
+
+async def client(args: list[str]) -> None:
+    """Connect; round-trip an 8 MB array with the default serializers and
+    with the "shm" family first; print how it went."""
+    comm = await connect(args[0])
+    x = np.arange(10**6)
+    await comm.write({"x": to_serialize(x)})
+    assert ((await comm.read())["x"] == x).all()
+    await comm.write({"x": to_serialize(x)}, serializers=["shm", "dask", "pickle"])
+    assert ((await comm.read())["x"] == x).all()
+    linked = comm.link is not None  # type: ignore[attr-defined]
+    await comm.close()
+    done(linked=linked)
+
+
+async def send(args: list[str]) -> None:
+    """Connect and send one message of ``args[1]`` bytes (``payload``); with
+    ``--die-at N``, be killed at the N-th copy into this process's buffer."""
+    if "--die-at" in args:
+        die_at(Buffer, "write", int(args[args.index("--die-at") + 1]))
+    comm = await connect(args[0])
+    say("READY")
+    await comm.write({"x": to_serialize(payload(int(args[1])))})
+    try:
+        await comm.read()  # the test closes the comm when it has the message
+    except CommClosedError:
+        pass
+    await comm.close()
+    done()
+
+
+async def receive(args: list[str]) -> None:
+    """Connect and read messages until the comm closes, checking each
+    against ``payload``; with ``--die-at N``, be killed at the N-th copy out
+    of the peer's buffer."""
+    if "--die-at" in args:
+        die_at(Inbox, "copy", int(args[args.index("--die-at") + 1]))
+    comm = await connect(args[0])
+    say("READY")
+    good = 0
+    try:
+        while True:
+            x = (await comm.read())["x"]
+            good += bool((x == payload(len(x))).all())
+    except CommClosedError:
+        pass
+    await comm.close()
+    done(good=good)
+
+
+async def announce_size(args: list[str]) -> None:
+    """Connect announcing a buffer ``args[1]`` times larger than ours, then
+    send one large message."""
+    from dask_shm.comm import SHM
+
+    real = SHM.handshake_info
+
+    def handshake_info(self: SHM) -> dict[str, Any]:
+        info = real(self)
+        info["dask-shm"]["size"] *= int(args[1])
+        return info
+
+    SHM.handshake_info = handshake_info  # type: ignore[method-assign]
+    comm = await connect(args[0])
+    try:
+        await comm.write({"x": to_serialize(payload(4 << 20))})
+        await comm.read()
+    except CommClosedError:
+        pass
+    await comm.close()
+    done()
+
+
+async def offload(args: list[str]) -> None:
+    """Print whether this process offloads large copies, then round-trip a
+    message larger than distributed's offload threshold within itself."""
+    from dask_shm.comm import _offloads
+
+    async def handler(comm: Comm) -> None:
+        try:
+            msg = await comm.read()
+            await comm.write({"x": to_serialize(msg["x"])})
+        finally:
+            await comm.close()
+
+    async with listen("shm://127.0.0.1:0", handler) as listener:
+        comm = await connect(listener.contact_address)
+        x = payload(40 << 20)
+        await comm.write({"x": to_serialize(x)})
+        ok = bool(((await comm.read())["x"] == x).all())
+        await comm.close()
+    done(offloads=_offloads(True, 10**9), ok=ok)
+
+
+def mid_stream(args: list[str]) -> None:
+    """Within this process, stream a 40 MB message through a 1 MiB buffer
+    and, mid-stream, end one side: ``sender`` aborts its comm (another
+    linked comm stays open meanwhile), ``receiver`` aborts its comm, or
+    ``both`` abort while the write waits for room (the process's last comm
+    closes under a waiting write).  Report what the read and the write
+    raised, then collect garbage and report what is left of ours."""
+    import gc
+
+    import dask
+
+    from tests.conftest import our_fds, our_maps, ours
+
+    who = args[0]
+    conf = {"dask-shm.threshold": "64 KiB", "dask-shm.buffer-size": "1 MiB",
+            "dask-shm.fragment-size": "256 KiB"}
+
+    async def scenario() -> tuple[object, object]:
+        outcome: asyncio.Queue[BaseException | None] = asyncio.Queue()
+        receiving: list[Comm] = []
+        gate = asyncio.Event()
+
+        async def handler(comm: Comm) -> None:
+            receiving.append(comm)
+            if who == "both":
+                return  # never reads: the write waits for room
+            try:
+                await comm.read()
+                await outcome.put(None)
+            except Exception as e:  # noqa: BLE001  (whatever it raised is the result)
+                await outcome.put(e)
+            finally:
+                comm.abort()
+
+        async def idle(comm: Comm) -> None:
+            await gate.wait()
+            comm.abort()
+
+        async with listen("shm://127.0.0.1:0", handler) as listener, listen(
+            "shm://127.0.0.1:0", idle
+        ) as other:
+            keep = await connect(other.contact_address) if who == "sender" else None
+            comm = await connect(listener.contact_address)
+            write = asyncio.ensure_future(comm.write({"x": to_serialize(payload(40 * 10**6))}))
+            if who == "both":  # the write waits for room
+                while not (receiving and stats.snapshot().get("shm-bytes", 0)):
+                    await asyncio.sleep(0.001)
+            else:  # more than the buffer copied in, far from the end
+                while not 4 << 20 < stats.snapshot().get("shm-bytes", 0) < 30 * 10**6:
+                    await asyncio.sleep(0.001)
+            assert not write.done()
+            (receiving[0] if who == "receiver" else comm).abort()
+            if who == "both":
+                receiving[0].abort()
+            wrote: object = "ok"
+            try:
+                await asyncio.wait_for(write, 10)
+            except asyncio.TimeoutError:
+                wrote = "hung"
+            except Exception as e:  # noqa: BLE001
+                wrote = e  # kept, as a caller keeps it (a future, a log record)
+            read = None if who == "both" else await asyncio.wait_for(outcome.get(), 10)
+            comm.abort()
+            if keep is not None:
+                await keep.close()
+            gate.set()
+        return read, wrote
+
+    with dask.config.set(conf):
+        read, wrote = asyncio.run(scenario())
+    names = [x if isinstance(x, str) else type(x).__name__ for x in (read, wrote)]
+    del read, wrote  # their tracebacks hold frames of the data path: garbage now
+    gc.collect()
+    done(read=names[0], wrote=names[1], files=ours(), fds=our_fds(), maps=our_maps())
+
+
+ROLES = {
+    f.__name__.replace("_", "-"): f
+    for f in (echo, client, send, receive, announce_size, offload, mid_stream)
+}
+
+if __name__ == "__main__":
+    role = ROLES[sys.argv[1]]
+    if asyncio.iscoroutinefunction(role):
+        asyncio.run(role(sys.argv[2:]))
+    else:
+        role(sys.argv[2:])
