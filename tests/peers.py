@@ -22,7 +22,7 @@ from distributed.comm import connect, listen
 from distributed.comm.core import Comm, CommClosedError
 from distributed.protocol import to_serialize
 
-from dask_shm import stats
+from dask_shm import buffers, stats
 from dask_shm.buffers import Buffer, Inbox
 
 
@@ -124,6 +124,87 @@ async def receive(args: list[str]) -> None:
         pass
     await comm.close()
     done(good=good)
+
+
+async def serve_send(args: list[str]) -> None:
+    """Listen; to the first peer that connects, write one message of
+    ``args[0]`` bytes, then close that comm.  Meanwhile an idle linked comm
+    (to a second listener here) keeps this process's buffer, so what that
+    message held of it can be read afterwards: ``in-flight`` (bytes of the
+    buffer not yet freed) once the comm to the peer is closed."""
+    import gc
+
+    ended = asyncio.Event()
+    report: dict[str, Any] = {}
+
+    async def handler(comm: Comm) -> None:
+        try:
+            await comm.write({"x": to_serialize(payload(int(args[0])))})
+            report["wrote"] = "ok"
+        except Exception as e:  # noqa: BLE001  (whatever it raised is the result)
+            report["wrote"] = type(e).__name__
+        finally:
+            comm.abort()
+            report["in-flight"] = buffers.info()["buffer-in-flight"]
+            report["buffer-bytes"] = buffers.info()["buffer-bytes"]
+            ended.set()
+
+    async def idle(comm: Comm) -> None:
+        await ended.wait()
+        comm.abort()
+
+    async with listen("shm://127.0.0.1:0", handler) as listener, listen(
+        "shm://127.0.0.1:0", idle
+    ) as other:
+        keep = await connect(other.contact_address)
+        say("READY", listener.contact_address)
+        await ended.wait()
+        await keep.close()
+    del handler
+    gc.collect()
+    done(**report)
+
+
+async def serve_receive(args: list[str]) -> None:
+    """Listen; read messages from the first peer that connects until its
+    comm fails; report how many arrived intact and what ended the comm."""
+    ended = asyncio.Event()
+    report: dict[str, Any] = {"good": 0}
+
+    async def handler(comm: Comm) -> None:
+        try:
+            while True:
+                x = (await comm.read())["x"]
+                report["good"] += bool((x == payload(len(x))).all())
+        except Exception as e:  # noqa: BLE001  (whatever it raised is the result)
+            report["read"] = type(e).__name__
+            report["error"] = str(e)
+        finally:
+            comm.abort()
+            ended.set()
+
+    async with listen("shm://127.0.0.1:0", handler) as listener:
+        say("READY", listener.contact_address)
+        await ended.wait()
+    done(**report)
+
+
+async def hold(args: list[str]) -> None:
+    """Own a filled buffer and a probe in the directory, alive until stdin
+    closes; print their names."""
+    from dask_shm.config import settings
+    from dask_shm.names import Directory, create_probe
+
+    d = Directory(settings().directory)
+    buffer = Buffer(d, 1 << 20)
+    buffer.fill()
+    probe, _ = create_probe(d)
+    say("READY", buffer.name, probe)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    buffer.destroy()
+    d.unlink(probe)
+    d.close()
+    done()
 
 
 async def announce_size(args: list[str]) -> None:
@@ -246,9 +327,52 @@ def mid_stream(args: list[str]) -> None:
     done(read=names[0], wrote=names[1], files=ours(), fds=our_fds(), maps=our_maps())
 
 
+def cancel_handshake(args: list[str]) -> None:
+    """Connect to a listener of this process and cancel the connecting task
+    while its handshake waits for this process's buffer to be filled (a
+    256 MiB buffer: long enough to see); let the listener's end finish and
+    close normally; then report what is left of ours."""
+    import gc
+
+    import dask
+
+    from dask_shm.buffers import Host
+    from dask_shm.config import settings
+    from tests.conftest import our_fds, ours
+
+    async def scenario() -> str:
+        served = asyncio.Event()
+
+        async def handler(comm: Comm) -> None:
+            await comm.close()
+            served.set()
+
+        async with listen("shm://127.0.0.1:0", handler) as listener:
+            connecting = asyncio.ensure_future(connect(listener.contact_address))
+            path = settings().directory
+            while (host := Host._hosts.get(path)) is None or host._fill is None:
+                await asyncio.sleep(0.001)
+            filled = host._fill.is_set()
+            connecting.cancel()
+            try:
+                await connecting
+                outcome = "connected"
+            except asyncio.CancelledError:
+                outcome = "cancelled while filling" if not filled else "cancelled after filling"
+            await asyncio.wait_for(served.wait(), 30)
+        return outcome
+
+    with dask.config.set({"dask-shm.buffer-size": "256 MiB"}):
+        outcome = asyncio.run(scenario())
+    gc.collect()
+    done(outcome=outcome, files=ours(), fds=our_fds(),
+         users=sum(h.users for h in Host._hosts.values()))
+
+
 ROLES = {
     f.__name__.replace("_", "-"): f
-    for f in (echo, client, send, receive, announce_size, offload, mid_stream)
+    for f in (echo, client, send, receive, serve_send, serve_receive, hold, announce_size,
+              offload, mid_stream, cancel_handshake)
 }
 
 if __name__ == "__main__":

@@ -1,15 +1,14 @@
-"""Survival: kill -9 in the middle of transfers, another host, long runs, and a
-segment swapped under the receiver.
+"""Survival: kill -9 in the middle of transfers, a peer dying in the
+handshake, another host, long runs, and files swapped under the receiver.
 
-Everything here is real: worker processes, sockets, network namespaces and
-files in the shared-memory directory.  Random choices come from a seed that
-every failure message names (set ``DASK_SHM_SURVIVAL_SEED`` to replay one).
+Everything here is real: processes, sockets, network namespaces and files in
+the shared-memory directory.  Random choices come from a seed that every
+failure message names (set ``DASK_SHM_SURVIVAL_SEED`` to replay one).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import os
 import random
@@ -19,7 +18,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,30 +30,38 @@ import pytest
 from distributed import Client, KilledWorker, LocalCluster
 from distributed.comm import connect, listen
 from distributed.comm.core import Comm, CommClosedError
-from distributed.comm.tcp import TCP
 from distributed.protocol import to_serialize
 
 from dask_shm import stats
-from dask_shm.comm import _Envelope
-from dask_shm.descriptor import Placement, encode
-from dask_shm.pool import get_pool
-from dask_shm.segments import (
-    PREFIX,
-    Segment,
-    ShmDirectory,
-    create_probe,
-    current_owner,
-    drain_unmaps,
-    new_name,
-    parse_name,
-    sweep,
+from dask_shm.buffers import Buffer
+from dask_shm.comm import SHM
+from dask_shm.janitor import sweep
+from dask_shm.names import PREFIX, Directory, create_probe, current_owner, new_name, parse_name
+
+from .conftest import (
+    ROOT,
+    SHM_DIR,
+    OpenWatch,
+    is_root,
+    our_fds,
+    our_maps,
+    ours,
+    peer,
+    peer_env,
+    until,
+    wait_for,
 )
+from .test_comm import announcing, echo_server
 
-from .conftest import SHM_DIR, is_root, ours, wait_for
-from .test_cluster import in_shm, where
-
-ROOT = str(Path(__file__).resolve().parent.parent)
 SEED = int(os.environ.get("DASK_SHM_SURVIVAL_SEED", random.SystemRandom().randrange(2**32)))
+#: A small buffer, so that a message of a few tens of MB streams through it
+#: in many fragments, and a kill lands in the middle of one.
+SMALL = {"threshold": "64 KiB", "buffer_size": "1 MiB", "fragment_size": "256 KiB"}
+MESSAGE = str(40 * 10**6)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
 
 
 def _dask(*args: str) -> list[str]:
@@ -77,7 +83,7 @@ def check(x: np.ndarray, seed: int, n: int) -> tuple[int, int, bool]:
 
 
 def identity() -> tuple[int, tuple[int, int, int]]:
-    """(pid, owner identity as written into this process's segment names)."""
+    """(pid, owner identity as written into this process's file names)."""
     return os.getpid(), current_owner().as_tuple()
 
 
@@ -87,7 +93,11 @@ def running_workers(dask_scheduler: Any) -> list[str]:
 
 def janitor_here() -> list[str]:
     """Run the janitor in this process over the whole directory."""
-    return [i.name for i in sweep(ShmDirectory.get(dask.config.get("dask-shm.directory")))]
+    d = Directory(dask.config.get("dask-shm.directory"))
+    try:
+        return [i.name for i in sweep(d)]
+    finally:
+        d.close()
 
 
 def held_keys(dask_worker: Any) -> int:
@@ -107,35 +117,21 @@ def namespaces() -> dict[str, int]:
     }
 
 
-def resources() -> dict[str, int]:
-    """What a process holds that a leak would grow: descriptors (all, and those
-    of files in the shm directory), mappings of our segments, RSS."""
-    fds = shm_fds = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue  # the descriptor listdir itself used
-        fds += 1
-        shm_fds += PREFIX in target
-    with open("/proc/self/maps") as f:
-        maps = sum(PREFIX in line for line in f)
-    return {"fds": fds, "shm-fds": shm_fds, "maps": maps, "rss": rss()}
-
-
 def rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def settle_here() -> dict[str, int]:
-    """Empty this process's pool (after its warm-ups finished) and measure."""
+def resources() -> dict[str, int]:
+    """What a process holds that a leak would grow: descriptors (all, and
+    ours), mappings of our files, RSS; after collecting garbage."""
     gc.collect()
-    wait_for(lambda: get_pool().info()["warming"] == 0)
-    get_pool().trim()
-    drain_unmaps()
-    gc.collect()
-    return resources()
+    return {
+        "fds": len(os.listdir("/proc/self/fd")),
+        "shm-fds": len(our_fds(dask.config.get("dask-shm.directory"))),
+        "maps": len(our_maps()),
+        "rss": rss(),
+    }
 
 
 def dir_usage() -> tuple[int, int]:
@@ -153,54 +149,103 @@ def dir_usage() -> tuple[int, int]:
 # =============================================================================
 # 1. kill -9 during transfers
 
-#: A process of another pid (not a Dask process) holding segments and a
-#: probe; it stays alive throughout the rounds and removes them at its exit.
-HOLDER = textwrap.dedent(
-    """
-    import sys
-    from dask_shm.segments import ShmDirectory, Segment, create_probe, owned_names
-    d = ShmDirectory.get(sys.argv[1])
-    segs = [Segment.create(d, 3 * 4096) for _ in range(2)]
-    create_probe(d)
-    print(" ".join(owned_names()), flush=True)
-    sys.stdin.read()
-    """
-)
 
-KILL_ROUNDS = 30  # half killing a sender, half a receiver
+def test_a_receiver_killed_mid_copy_releases_the_senders_buffer() -> None:
+    """A receiver process is killed (SIGKILL, from inside its copy of the
+    5th region) while a 40 MB message streams to it through a 1 MiB buffer.
+    The sender's write ends; the regions the dead receiver held are freed
+    (``buffer-in-flight`` back to 0 while another link keeps the buffer); the
+    sender itself ends normally; and once its link to the dead process has
+    closed, nothing the dead process owned is left in the directory."""
+
+    async def main() -> tuple[dict[str, Any], list[str]]:
+        async with peer("serve-send", MESSAGE, **SMALL) as sender:
+            address = await sender.ready()
+            async with peer("receive", address, "--die-at", "5", **SMALL) as receiver:
+                await receiver.killed()
+                got = await sender.done()
+                return got, receiver.files()
+
+    got, left = run(main())
+    assert got["wrote"] in ("ok", "CommClosedError"), got
+    assert got["buffer-bytes"] == 1 << 20, got  # the buffer is still there...
+    assert got["in-flight"] == 0, got  # ...and nothing of it is held any more
+    assert left == [], left
+
+
+def test_a_sender_killed_mid_stream_is_a_clean_close_and_its_files_go() -> None:
+    """A sender process is killed (SIGKILL, at its 5th copy into its buffer)
+    while a 40 MB message streams: the receiver's read fails with a
+    CommClosedError, the receiver goes on and ends normally, and its link's
+    end sweeps the dead sender's buffer from the directory."""
+
+    async def main() -> tuple[dict[str, Any], list[str]]:
+        async with peer("serve-receive", **SMALL) as receiver:
+            address = await receiver.ready()
+            async with peer("send", address, MESSAGE, "--die-at", "5", **SMALL) as sender:
+                await sender.killed()
+                got = await receiver.done()
+                return got, sender.files()
+
+    got, left = run(main())
+    assert got["read"] == "CommClosedError" and got["good"] == 0, got
+    assert left == [], left
+
+
+def test_a_process_killed_between_messages_leaves_nothing_once_its_links_end() -> None:
+    """SIGKILL from outside, at no particular point: whatever the killed
+    process owned goes when the comm to it ends here (the janitor runs when
+    a link ends), and this process's own buffer is whole."""
+
+    async def main() -> list[str]:
+        async with listen("shm://127.0.0.1:0", echo_server) as listener:
+            async with peer("receive", listener.contact_address, **SMALL) as p:
+                await p.ready()
+                await until(lambda: stats.snapshot().get("handshake-shm"))  # our end linked too
+                os.kill(p.pid, signal.SIGKILL)
+                await p.killed()
+                await until(lambda: not [c for c in Comm._instances if not c.closed()])
+                return p.files()
+
+    assert run(main()) == []
+
+
+#: A process of another pid (not a Dask process) holding a buffer and a
+#: probe; it stays alive throughout and removes them at its exit.
+KILL_ROUNDS = 12  # half killing a sender, half a receiver
 TRANSFERS_PER_ROUND = 8
 ROUND_TIMEOUT = 60  # a round that does not end by then is a hang
 
 
 @contextmanager
 def live_sentinels() -> Iterator[list[str]]:
-    """Segments and a probe whose owners live throughout: this process and
-    a separate holder process.  Yields their names; checks on the way out
-    that they all survived every janitor, intact."""
-    d = ShmDirectory.get(SHM_DIR)
-    mine = Segment.create(d, 5 * 4096)
-    assert mine.mapping is not None
-    pattern = np.frombuffer(mine.mapping, dtype=np.uint8)
-    expected = (np.arange(len(pattern)) % 253).astype(np.uint8)
-    pattern[:] = expected
+    """Files whose owners live throughout: a buffer and a probe of this
+    process and of a separate holder process.  Yields their names; checks on
+    the way out that they all survived every janitor, intact."""
+    d = Directory(SHM_DIR)
+    mine = Buffer(d, 5 * 4096)
+    mine.fill()
+    assert mine.view is not None
+    expected = (np.arange(mine.size) % 253).astype(np.uint8)
+    mine.view[:] = expected
     probe, _token = create_probe(d)
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, SHM_DIR],
+        [sys.executable, "-m", "tests.peers", "hold"], cwd=ROOT, env=peer_env(),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     try:
         assert holder.stdout is not None
-        held = holder.stdout.readline().split()
-        assert len(held) == 3, held
+        held = holder.stdout.readline().split()[1:]
+        assert len(held) == 2, held
         names = [mine.name, probe, *held]
         yield names
         left = set(ours())
         assert set(names) <= left, f"a janitor removed a live process's file: {set(names) - left}"
-        assert (pattern == expected).all(), "a live process's segment was changed"
+        assert (mine.view == expected).all(), "a live process's buffer was changed"
     finally:
-        del pattern
         mine.destroy()
         d.unlink(probe)
+        d.close()
         assert holder.stdin is not None and holder.stdout is not None
         holder.stdin.close()
         holder.wait(30)
@@ -215,19 +260,19 @@ def _owner_key(name: str) -> tuple[int, int, int]:
 
 @pytest.mark.slow
 def test_kill_9_senders_and_receivers_during_transfers(shm_config: None) -> None:
-    """Over 30 rounds, SIGKILL the worker process (the Nanny's child) that
-    sends, or the one that receives, several-MB worker-to-worker transfers
-    through shared memory, at varied delays after the computation starts
-    (before anything moved, during, near the end).  Every round ends within
-    its timeout (never a hang) with right results (Dask recomputes what was
-    lost) or a clean KilledWorker/CommClosedError, never a wrong result; the
-    cluster still computes through shared memory afterwards.  Without any
-    explicit sweep, nothing a killed process owned is left (the janitors
-    that run by themselves: at worker start, on peer loss).  The janitor run
-    explicitly in every process removes only files of processes we killed,
-    and no janitor ever removed a file of a live owner (this process and a
-    separate holder process: all still there, contents intact).  Once the
-    cluster is closed and the janitor has run, nothing of ours is left."""
+    """Over several rounds, SIGKILL the worker process (the Nanny's child)
+    that sends, or the one that receives, several-MB worker-to-worker
+    transfers through shared memory, at varied delays after the computation
+    starts (before anything moved, during, near the end).  Every round ends
+    within its timeout (never a hang) with right results (Dask recomputes
+    what was lost) or a clean KilledWorker/CommClosedError, never a wrong
+    result; the cluster still computes through shared memory afterwards.
+    Without any explicit sweep, nothing a killed process owned is left (the
+    janitors that run by themselves: when a link to it ends).  The janitor
+    run explicitly in every process removes only files of processes we
+    killed, and no janitor ever removed a file of a live owner (this process
+    and a separate holder process: all still there, contents intact).  Once
+    the cluster is closed, nothing of ours is left."""
     rng = random.Random(SEED)
     log: list[str] = []
     killed: set[tuple[int, int, int]] = set()
@@ -268,7 +313,7 @@ def test_kill_9_senders_and_receivers_during_transfers(shm_config: None) -> None
                     for x, s, n in zip(xs, seeds, sizes, strict=True)
                 ]
                 if role is not None:
-                    time.sleep(delay)
+                    time.sleep(delay)  # the kill's moment, not a wait for a condition
                     victim = ids[a if role == "sender" else b]
                     killed.add(tuple(victim[1]))
                     os.kill(victim[0], signal.SIGKILL)
@@ -301,9 +346,7 @@ def test_kill_9_senders_and_receivers_during_transfers(shm_config: None) -> None
             # A round without a kill: how long the transfers take here, and
             # proof that they go through shared memory.
             baseline = one_round(0, None, 0.0)
-            # (allow_other_workers lets the scheduler co-locate a pair now
-            # and then, so not every one of the transfers need happen.)
-            moved = client.run(counter, "segments-received")
+            moved = client.run(counter, "shm-messages")
             assert sum(moved.values()) >= 1, moved
             over_tcp = client.run(counter, "tcp-messages")
             assert sum(over_tcp.values()) == 0, over_tcp
@@ -319,8 +362,8 @@ def test_kill_9_senders_and_receivers_during_transfers(shm_config: None) -> None
             client.wait_for_workers(3, timeout=60)
             one_round(KILL_ROUNDS + 1, None, 0.0)
 
-            # The peer-loss janitor removed what the killed processes left,
-            # without being asked.
+            # The janitors that run when a link ends removed what the killed
+            # processes left, without being asked.
             def killed_left() -> list[str]:
                 return [n for n in ours() if _owner_key(n) in killed]
 
@@ -332,39 +375,30 @@ def test_kill_9_senders_and_receivers_during_transfers(shm_config: None) -> None
             assert all(_owner_key(n) in killed for n in removed), (removed, where_am_i())
             assert set(sentinels) <= set(ours())
 
-        # Cluster closed: this process's pool emptied, then the janitor.
-        settle_here()
-        d = ShmDirectory.get(SHM_DIR)
-
-        def leftovers() -> set[str]:
-            sweep(d)
-            return set(ours()) - set(sentinels)
-
-        # Comms closed gracefully leave un-taken-over segments for their
-        # grace period (10 s), owned by a live process: wait them out.
-        wait_for(lambda: not leftovers(), timeout=30)
-        assert not leftovers(), (sorted(leftovers()), where_am_i())
+        # Cluster closed: every process removed its own files.
+        assert wait_for(lambda: set(ours()) == set(sentinels)), (
+            sorted(set(ours()) - set(sentinels)), where_am_i())
     print(f"seed {SEED}, round without a kill {baseline:.3f} s: {' '.join(log)}")
 
 
-def _leaked_probe(name: str) -> bool:
-    """A probe of this (live) process: what the probe leak leaves."""
-    owner, kind = parse_name(name)
-    return kind == "p" and owner == current_owner()
+# =============================================================================
+# 2. A peer dying in the handshake
 
 
-def _my_probes() -> list[str]:
-    gc.collect()
-    return [n for n in ours() if _leaked_probe(n)]
+def _mine() -> list[str]:
+    """Files of this (live) process: what a handshake leak leaves."""
+    me = current_owner()
+    return [n for n in ours() if parse_name(n)[0] == me]
 
 
 @pytest.mark.parametrize("side", ["connecting", "listening"])
-def test_peer_dying_during_the_handshake_leaves_no_probe(side: str) -> None:
-    """What the kill -9 rounds found, reproduced deterministically: the peer
-    of an shm:// comm dies in the middle of the handshake (after our probe
-    was created and named to it, before it answered).  Our probe file must
-    not outlive the failed comm: the janitor never removes a live process's
-    files, so in a long-lived scheduler such probes would pile up."""
+def test_peer_dying_during_the_handshake_leaves_nothing(side: str) -> None:
+    """What the kill -9 rounds once found, reproduced deterministically: the
+    peer of an shm:// comm dies in the middle of the handshake (after our
+    probe and release pipe were created and named to it, before it
+    answered).  None of our files may outlive the failed comm: the janitor
+    never removes a live process's files, so in a long-lived scheduler they
+    would pile up."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -380,10 +414,10 @@ def test_peer_dying_during_the_handshake_leaves_no_probe(side: str) -> None:
                 conn.close()  # dies without answering
 
             with srv:
-                peer = asyncio.ensure_future(dying_peer())
+                peer_task = asyncio.ensure_future(dying_peer())
                 with pytest.raises(CommClosedError):
                     await connect(f"shm://127.0.0.1:{srv.getsockname()[1]}", timeout=10)
-                await peer
+                await peer_task
         else:
 
             async def handler(comm: Comm) -> None:  # never reached
@@ -394,18 +428,39 @@ def test_peer_dying_during_the_handshake_leaves_no_probe(side: str) -> None:
                 with socket.create_connection((host, int(port))) as conn:
                     # The listener wrote its handshake (probe named) to us.
                     await loop.run_in_executor(None, conn.recv, 65536)
-                await asyncio.sleep(0.2)  # it notices the close
+                    assert _mine(), "the listener created no probe: nothing is tested"
+                await until(lambda: not _mine())  # it noticed the close
 
     try:
         asyncio.run(main())
-        assert wait_for(lambda: not _my_probes(), timeout=2), _my_probes()
+        assert wait_for(lambda: not _mine() and not our_fds(), timeout=5), (_mine(), our_fds())
     finally:
-        for name in _my_probes():  # don't fail the leak fixture for this
+        for name in _mine():  # don't fail the leak fixture for this
             os.unlink(os.path.join(SHM_DIR, name))
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="SHM._negotiate opens the peer's buffer and release pipe, takes its own "
+    "pipe's read end and holds a use of the Host, then awaits offload(host.fill) after "
+    "the handshake's cleanup has ended: cancelled there (a connect() timeout, a server "
+    "closing), none of them is released; the buffer file stays until the process exits",
+)
+def test_a_handshake_cancelled_while_the_buffer_fills_leaves_nothing() -> None:
+    """In a process of its own: a connect() cancelled while its handshake
+    waits for the process's first buffer to be filled."""
+
+    async def main() -> dict[str, Any]:
+        async with peer("cancel-handshake") as p:
+            return await p.done()
+
+    got = run(main())
+    assert got["outcome"] == "cancelled while filling", got
+    assert got["users"] == 0 and got["files"] == [] and got["fds"] == [], got
+
+
 # =============================================================================
-# 2. Another host: own network and own /dev/shm
+# 3. Another host: own network and own /dev/shm
 
 
 def _missing_tools() -> str | None:
@@ -472,15 +527,7 @@ def worker_on_other_host(ns: str, its_ip: str, client: Client, n: int) -> Iterat
     worker's SIGTERM path cancels every asyncio task, and when that catches
     its batched stream mid-write, distributed's ``BatchedSend.close`` waits
     out its 30 s timeout.)"""
-    env = dict(
-        os.environ,
-        D=SHM_DIR,
-        DASK_DASK_SHM__DIRECTORY=SHM_DIR,
-        DASK_DASK_SHM__COLD_TRANSFER="shm",
-        DASK_DASK_SHM__THRESHOLD="64 KiB",
-        PYTHONFAULTHANDLER="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
-    )
+    env = dict(peer_env(directory=SHM_DIR, threshold="64 KiB"), D=SHM_DIR, PYTHONFAULTHANDLER="1")
     scheduler = client.scheduler.address
     cmd = [
         "ip", "netns", "exec", ns, "unshare", "--mount", "--propagation", "private",
@@ -552,8 +599,8 @@ def test_worker_on_another_host_gets_tcp_and_right_results(shm_config: None) -> 
         counts = client.run(stats.snapshot, workers=[c])[c]
         assert counts.get("handshake-no-probe", 0) >= 1, counts
         assert counts.get("handshake-shm", 0) == 0, counts
-        for name in ("shm-messages", "segments-received", "segments-created"):
-            assert counts.get(name, 0) == 0, counts
+        assert counts.get("shm-messages", 0) == 0 and counts.get("buffer-bytes", 0) == 0, counts
+        assert counts.get("peer-buffers", 0) == 0, counts
         # This process (scheduler and client) failed the probe with it too.
         assert counter("handshake-no-probe") >= 1
         del x, y
@@ -564,9 +611,9 @@ def test_worker_on_another_host_gets_tcp_and_right_results(shm_config: None) -> 
 def test_cluster_across_two_hosts(shm_config: None) -> None:
     """Two workers here and one on "another host" (own network and
     /dev/shm): worker-to-worker transfers between the two here go through
-    shared memory (zero-copy, ``shm-messages`` > 0); transfers to and from the
-    other host, whose handshakes with this host's processes all fail the
-    probe, travel over TCP; every result is right."""
+    shared memory; transfers to and from the other host, whose handshakes
+    with this host's processes all fail the probe, travel over TCP; every
+    result is right."""
     n = 2 * 10**6  # 16 MB
     with other_host() as (ns, ours_ip, its_ip), LocalCluster(
         protocol="shm", host=ours_ip, n_workers=2, threads_per_worker=1, processes=True,
@@ -574,32 +621,29 @@ def test_cluster_across_two_hosts(shm_config: None) -> None:
     ) as lc, Client(lc) as client, worker_on_other_host(ns, its_ip, client, 3) as c:
         a, b = sorted(w for w in client.scheduler_info()["workers"] if w != c)
 
-        x = client.submit(np.arange, n, workers=[a], pure=False)
-        here = client.submit(where, x, workers=[b], pure=False).result()  # a -> b: same host
-        across = client.submit(where, x, workers=[c], pure=False).result()  # a -> c: across
-        assert here["ok"] and in_shm(here), here
-        assert across["ok"] and not in_shm(across), across
+        x = client.submit(produce, 4, n, workers=[a], pure=False)
+        assert client.submit(check, x, 4, n, workers=[b], pure=False).result() == (4, n, True)
+        assert client.submit(check, x, 4, n, workers=[c], pure=False).result() == (4, n, True)
         z = client.submit(produce, 5, n, workers=[c], pure=False)
         for w in (a, b):  # c -> a, c -> b: across
             assert client.submit(check, z, 5, n, workers=[w], pure=False).result() == (5, n, True)
-        assert here["pid"] != across["pid"]
         np.testing.assert_array_equal(client.gather(z), produce(5, n))
 
         counts = client.run(stats.snapshot)
-        assert counts[a].get("shm-messages", 0) >= 1, counts
-        assert counts[b].get("segments-received", 0) >= 1, counts
+        assert counts[a].get("shm-messages", 0) >= 1, counts  # a -> b
+        assert counts[b].get("peer-buffers", 0) >= 1, counts
         assert counts[a].get("handshake-shm", 0) >= 1 and counts[b].get("handshake-shm", 0) >= 1
         # The other host: failed probes with the scheduler and both workers
         # here, nothing in shared memory either way.
         assert counts[c].get("handshake-no-probe", 0) >= 3, counts[c]
         assert counts[c].get("handshake-shm", 0) == 0, counts[c]
-        for name in ("shm-messages", "segments-received", "segments-created"):
+        for name in ("shm-messages", "buffer-bytes", "peer-buffers"):
             assert counts[c].get(name, 0) == 0, counts[c]
         del x, z
 
 
 # =============================================================================
-# 3. Long runs
+# 4. Long runs
 
 
 def _mixed_sizes(rng: random.Random, count: int) -> list[int]:
@@ -621,17 +665,15 @@ def _mixed_sizes(rng: random.Random, count: int) -> list[int]:
 #: freed memory (arenas, numpy's cache), and a 16 MiB message in flight
 #: is 2 x 16 MiB transiently.
 RSS_TOLERANCE = 96 << 20
-LONG_POOL_SIZE = 256 << 20
 
 
 @pytest.mark.slow
 def test_ten_thousand_messages_over_one_comm_leave_nothing_behind(shm_config: None) -> None:
     """10,000 messages of mixed sizes (100 B to 16 MiB, mostly small) echoed
-    over one shm:// comm: every one comes back intact and in order; our
-    files and bytes in the directory stay bounded by the pools throughout;
-    afterwards (pool trimmed, warm-ups finished) our files, descriptors and
-    mappings are back to their starting level exactly, and RSS within
-    RSS_TOLERANCE."""
+    over one shm:// comm: every one comes back intact and in order; the
+    directory holds this process's one buffer throughout, never more;
+    afterwards our files, descriptors and mappings are back to none and RSS
+    within RSS_TOLERANCE of its start."""
     rng = random.Random(SEED)
     sizes = _mixed_sizes(rng, 10_000)
     assert max(sizes) > 8 << 20 and min(sizes) < 200
@@ -649,7 +691,7 @@ def test_ten_thousand_messages_over_one_comm_leave_nothing_behind(shm_config: No
         finally:
             await comm.close()
 
-    async def run(sizes: list[int]) -> None:
+    async def main(sizes: list[int]) -> None:
         async with listen("shm://127.0.0.1:0", echo) as listener:
             comm = await connect(listener.contact_address)
             assert comm.link is not None  # type: ignore[attr-defined]
@@ -665,29 +707,22 @@ def test_ten_thousand_messages_over_one_comm_leave_nothing_behind(shm_config: No
                     peak["bytes"] = max(peak["bytes"], size)
                     peak["rss"] = max(peak["rss"], rss())
             await comm.close()
-        # The echo server's side closes asynchronously.
-        for _ in range(100):
-            if not [c for c in Comm._instances if not c.closed()]:
-                break
-            await asyncio.sleep(0.05)
+            await until(lambda: not [c for c in Comm._instances if not c.closed()])
 
-    with dask.config.set({"dask-shm.pool-size": LONG_POOL_SIZE}):
-        # Warm-up: everything that is created once per process (threads,
-        # module state, allocator arenas) exists before the baseline.
-        asyncio.run(run(_mixed_sizes(rng, 300) + [16 << 20]))
-        start = settle_here()
-        assert dir_usage() == (0, 0) and start["shm-fds"] == 0 and start["maps"] == 0
-        t0 = time.monotonic()
-        asyncio.run(run(sizes))
-        elapsed = time.monotonic() - t0
-        counts = stats.snapshot()
-        end = settle_here()
+    # Warm-up: everything that is created once per process (threads,
+    # module state, allocator arenas) exists before the baseline.
+    asyncio.run(main(_mixed_sizes(rng, 300) + [16 << 20]))
+    start = resources()
+    assert dir_usage() == (0, 0) and start["shm-fds"] == 0 and start["maps"] == 0
+    t0 = time.monotonic()
+    asyncio.run(main(sizes))
+    elapsed = time.monotonic() - t0
+    counts = stats.snapshot()
+    end = resources()
     assert counts["shm-messages"] > 0, counts
-    # Bounded while running: both ends live in this process and share its
-    # pool (mapped and parked, each at most the pool size), plus the few
-    # segments of the messages in flight (size classes up to 20 MiB).
-    assert peak["bytes"] <= 2 * LONG_POOL_SIZE + 4 * (20 << 20), peak
-    assert wait_for(lambda: dir_usage() == (0, 0)), ours()
+    buffer_size = dask.utils.parse_bytes(dask.config.get("dask-shm.buffer-size"))
+    assert peak["files"] == 1 and peak["bytes"] == buffer_size, peak
+    assert dir_usage() == (0, 0), ours()
     assert end["shm-fds"] == 0 and end["maps"] == 0, end
     assert end["fds"] == start["fds"], (start, end)
     assert end["rss"] <= start["rss"] + RSS_TOLERANCE, (start, end, peak)
@@ -702,11 +737,10 @@ FD_TOLERANCE = 16
 def test_mixed_workload_on_a_cluster_leaves_nothing_behind(shm_config: None) -> None:
     """Rounds of mixed-size worker-to-worker dependencies, scatters and
     gathers (direct and through the scheduler) on a 2-worker shm:// cluster:
-    results are right; afterwards, with the data released and every pool
-    trimmed, each process maps none of our segments and holds no
-    descriptor of one, our directory is empty, descriptors are within
-    FD_TOLERANCE of their start (pooled connections) and RSS within
-    RSS_TOLERANCE."""
+    results are right; afterwards, with the data released, no process holds
+    more of ours (descriptors, mappings) than after the warm-up, descriptors
+    are within FD_TOLERANCE of their start (pooled connections) and RSS
+    within RSS_TOLERANCE; once the cluster is closed nothing is left."""
     rng = random.Random(SEED + 1)
 
     def workload(client: Client, rounds: int) -> None:
@@ -727,55 +761,34 @@ def test_mixed_workload_on_a_cluster_leaves_nothing_behind(shm_config: None) -> 
             del xs, ys, scattered, back, got
         assert wait_for(lambda: not any(client.run(held_keys).values()), timeout=30)
 
-    def settle_all(client: Client) -> dict[str, dict[str, int]]:
-        out = dict(client.run(settle_here))
-        out["client+scheduler"] = settle_here()
+    def measure(client: Client) -> dict[str, dict[str, int]]:
+        out = dict(client.run(resources))
+        out["client+scheduler"] = resources()
         return out
 
     with LocalCluster(
         protocol="shm", n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
     ) as lc, Client(lc) as client:
         workload(client, 2)  # warm-up
-        start = settle_all(client)
-        assert wait_for(lambda: dir_usage() == (0, 0)), ours()
+        start = measure(client)
         workload(client, 12)
         moved = client.run(counter, "shm-messages")
         assert all(moved.values()), moved
-        end = settle_all(client)
-        assert wait_for(lambda: dir_usage() == (0, 0)), ours()
+        end = measure(client)
+        kinds = [parse_name(n) for n in ours()]
+        owners = [owner for owner, _ in kinds]
+        assert {k for _, k in kinds} == {"b"} and len(owners) == len(set(owners)), ours()
     for who, e in end.items():
         s = start[who]
-        assert e["shm-fds"] == 0 and e["maps"] == 0, (who, e)
+        assert e["shm-fds"] <= s["shm-fds"] and e["maps"] <= s["maps"], (who, s, e)
         assert e["fds"] <= s["fds"] + FD_TOLERANCE, (who, s, e)
         assert e["rss"] <= s["rss"] + RSS_TOLERANCE, (who, s, e)
+    assert wait_for(lambda: dir_usage() == (0, 0)), ours()
     print(f"start {start}\nend {end}")
 
 
 # =============================================================================
-# 4. A segment swapped between the descriptor and its take-over
-
-IN_ACCESS, IN_MODIFY, IN_ATTRIB, IN_OPEN = 0x1, 0x2, 0x4, 0x20
-
-
-class OpenWatch:
-    """inotify on one file: whether anything opened, read, wrote or
-    re-attributed it since the watch started."""
-
-    def __init__(self, path: Path) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        assert self.fd >= 0, os.strerror(ctypes.get_errno())
-        mask = IN_ACCESS | IN_MODIFY | IN_ATTRIB | IN_OPEN
-        assert libc.inotify_add_watch(self.fd, str(path).encode(), mask) >= 0
-
-    def events(self) -> bytes:
-        try:
-            return os.read(self.fd, 4096)
-        except BlockingIOError:
-            return b""
-
-    def close(self) -> None:
-        os.close(self.fd)
+# 5. A file swapped between the handshake naming it and the receiver opening it
 
 
 def _fallocated(path: str, size: int, mode: int = 0o600) -> None:
@@ -787,26 +800,29 @@ def _fallocated(path: str, size: int, mode: int = 0o600) -> None:
         os.close(fd)
 
 
-SIZE = 1 << 20
+BUFFER = 64 << 20  # the default buffer-size: what the sender announces
 
 
 def _swap(kind: str, path: str, outside: Path) -> None:
     """Replace the file at ``path`` (atomically where a rename can) with
     something the receiver must refuse."""
     tmp = os.path.join(SHM_DIR, f".swap-{os.getpid()}")  # not one of our names
-    if kind == "sparse":
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        os.ftruncate(fd, SIZE)
-        os.close(fd)
-    elif kind == "group-readable":
-        _fallocated(tmp, SIZE, 0o640)
+    if kind == "group-readable":
+        _fallocated(tmp, BUFFER, 0o640)
     elif kind == "smaller":
-        _fallocated(tmp, SIZE // 2)
+        _fallocated(tmp, BUFFER // 2)
     elif kind == "other-uid":
-        _fallocated(tmp, SIZE)
+        _fallocated(tmp, BUFFER)
         os.chown(tmp, 65534, 65534)
-    elif kind == "fifo":
+    elif kind == "hard-link":
+        _fallocated(tmp, BUFFER)
+        os.link(tmp, tmp + "-alias")
+    elif kind in ("fifo", "group-fifo"):
         os.mkfifo(tmp, 0o600)
+        if kind == "group-fifo":
+            os.chmod(tmp, 0o620)
+    elif kind == "regular":
+        _fallocated(tmp, 4096)
     elif kind == "symlink":
         os.symlink(outside, tmp)
     elif kind == "directory":
@@ -817,88 +833,126 @@ def _swap(kind: str, path: str, outside: Path) -> None:
     os.rename(tmp, path)
 
 
+needs_root = pytest.mark.skipif(not is_root(), reason="chown to another uid needs root (CI runs as root)")
+
 SWAPS = [
-    pytest.param("sparse", "allocated", id="sparse"),
-    pytest.param("group-readable", "not owner-only", id="group-readable"),
-    pytest.param("smaller", "less than the", id="smaller"),
-    pytest.param(
-        "other-uid", "owned by uid 65534", id="other-uid",
-        marks=pytest.mark.skipif(not is_root(), reason="chown to another uid needs root (CI runs as root)"),
-    ),
-    pytest.param("fifo", "not a regular file", id="fifo"),
-    pytest.param("symlink", "cannot open segment", id="symlink"),
-    pytest.param("directory", "cannot open segment", id="directory"),
+    pytest.param("b", None, id="buffer-control"),
+    pytest.param("b", "group-readable", id="buffer-group-readable"),
+    pytest.param("b", "other-uid", id="buffer-other-uid", marks=needs_root),
+    pytest.param("b", "hard-link", id="buffer-hard-link"),
+    pytest.param("b", "fifo", id="buffer-fifo"),
+    pytest.param("b", "symlink", id="buffer-symlink"),
+    pytest.param("b", "directory", id="buffer-directory"),
+    pytest.param("b", "smaller", id="buffer-smaller"),
+    pytest.param("r", None, id="release-control"),
+    pytest.param("r", "regular", id="release-regular"),
+    pytest.param("r", "group-fifo", id="release-group-writable"),
+    pytest.param("r", "symlink", id="release-symlink"),
+    pytest.param("r", "directory", id="release-directory"),
 ]
 
 
-@pytest.mark.parametrize("kind, problem", SWAPS)
-def test_segment_swapped_after_the_descriptor_was_sent(
-    kind: str, problem: str, tmp_path: Path
+@pytest.mark.parametrize("kind, swap", SWAPS)
+def test_a_file_swapped_after_the_handshake_named_it(
+    kind: str, swap: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A valid, fully allocated 0600 segment of the sender is named in a
-    descriptor; after the descriptor is on its way but before the receiver
-    reads it, the file under that name is replaced (sparse, group-readable,
-    too small, another uid, a FIFO, a symlink out of the directory, a
-    directory).  The receiver's checks run on what it actually opened after
-    the rename, so it refuses the swapped file: a CommClosedError naming the
-    problem, the receiving comm closed, the sender's comm sees the close, the
-    swapped-in file is removed, and the symlink's target outside the
-    directory was never opened (inotify) nor changed."""
-    outside = tmp_path / "outside"
-    outside.write_bytes(b"o" * SIZE)
-    before = outside.stat()
-    name = new_name("s")  # this process is the peer: the name is its own
+    """A peer names a valid buffer (regular, 0600, fully allocated) or a
+    valid live release FIFO of its own at the handshake; after the receiver
+    has the handshake but before it opens the name, the file under it is
+    replaced (group-readable, another uid, hard-linked, a FIFO, a symlink
+    out of the directory, a directory, a smaller file; a regular file, a
+    group-writable FIFO...).  The receiver's checks run on what it actually
+    opened, so it refuses the swapped file and the comm is plain TCP with
+    right data; a buffer smaller than announced is refused when it would be
+    mapped, with a CommClosedError naming the sizes; the symlink's target
+    outside the directory is never opened (inotify) nor changed.  The
+    control (no swap) is accepted: the receiver's link uses the named file."""
+    name = new_name(kind)
     path = os.path.join(SHM_DIR, name)
-    _fallocated(path, SIZE)
+    outside = tmp_path / "outside"
+    readers = []
+    if kind == "b":
+        _fallocated(path, BUFFER)
+        outside.write_bytes(b"o" * 4096)
+    else:
+        os.mkfifo(path, 0o600)
+        os.mkfifo(outside, 0o600)
+        readers.append(os.open(outside, os.O_RDONLY | os.O_NONBLOCK))  # a live FIFO
+        readers.append(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+    before = outside.stat()
+    field = "buffer" if kind == "b" else "release"
+    swapped = []
+    real_negotiate = SHM._negotiate
 
-    async def main() -> tuple[Exception, bool, Exception | None]:
-        gate = asyncio.Event()
-        result: asyncio.Queue[tuple[Exception, bool]] = asyncio.Queue()
+    async def negotiate(self: SHM, remote: Any) -> None:
+        entry = remote.get("dask-shm", {}) if isinstance(remote, dict) else {}
+        if swap is not None and entry.get(field) == name and not swapped:
+            _swap(swap, path, outside)  # between receiving the name and opening it
+            if swap == "group-fifo":
+                readers.append(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+            swapped.append(swap)
+        await real_negotiate(self, remote)
+
+    monkeypatch.setattr(SHM, "_negotiate", negotiate)
+
+    async def main() -> tuple[Any, Any, Exception | None]:
+        links: asyncio.Queue[Any] = asyncio.Queue()
+        errors: asyncio.Queue[Exception | None] = asyncio.Queue()
 
         async def handler(comm: Comm) -> None:
-            await gate.wait()  # the envelope waits in the socket meanwhile
+            await links.put(comm.link)  # type: ignore[attr-defined]
             try:
-                await comm.read()
+                while True:
+                    msg = await comm.read()
+                    await comm.write(msg)
             except Exception as e:  # noqa: BLE001  (whatever it raised is the result)
-                await result.put((e, comm.closed()))
+                await errors.put(e)
             finally:
                 comm.abort()
 
-        async with listen("shm://127.0.0.1:0", handler) as listener:
-            comm = await connect(listener.contact_address)
-            assert comm.link is not None  # type: ignore[attr-defined]
-            desc = encode(1, [Placement(0, name, 0, SIZE)])
-            await TCP.write(comm, _Envelope(desc).pickled())
-            _swap(kind, path, outside)
-            gate.set()
-            err, closed = await asyncio.wait_for(result.get(), 10)
-            sender_side: Exception | None = None
-            try:
-                await asyncio.wait_for(comm.read(), 10)
-            except Exception as e:  # noqa: BLE001  (whatever it raised is the result)
-                sender_side = e
-            comm.abort()
-        return err, closed, sender_side
+        with announcing(monkeypatch, **{field: name}) as targets:
+            async with listen("shm://127.0.0.1:0", handler) as listener:
+                targets.add(listener.contact_address)
+                comm = await connect(listener.contact_address)
+                theirs = await asyncio.wait_for(links.get(), 10)
+                err = None
+                try:
+                    if swap is not None:  # (the control would copy out of the decoy)
+                        x = np.arange(2 * 10**6)
+                        await comm.write({"x": to_serialize(x)})
+                        np.testing.assert_array_equal((await comm.read())["x"], x)
+                except CommClosedError:
+                    err = await asyncio.wait_for(errors.get(), 10)
+                mine = comm.link  # type: ignore[attr-defined]
+                comm.abort()
+        return mine, theirs, err
 
     watch = OpenWatch(outside)
     try:
-        err, closed, sender_side = asyncio.run(main())
+        mine, theirs, err = asyncio.run(main())
         untouched = watch.events()
-        outside.read_bytes()  # the watch works: this open is seen
+        os.close(os.open(outside, os.O_RDONLY | os.O_NONBLOCK))  # the watch works: this is seen
         assert watch.events(), "inotify saw nothing: the check above proves nothing"
     finally:
         watch.close()
-        if os.path.isdir(path):  # only when the product bug hits
-            os.rmdir(path)
+        for fd in readers:
+            os.close(fd)
         for n in ours():
-            if os.path.isdir(os.path.join(SHM_DIR, n)):
-                os.rmdir(os.path.join(SHM_DIR, n))
-    assert isinstance(err, CommClosedError), repr(err)
-    assert problem in str(err) and name in str(err), str(err)
-    assert closed, "the receiving comm is still open"
-    assert isinstance(sender_side, CommClosedError), repr(sender_side)
-    assert not ours(), ours()  # the swapped-in file was taken over, then removed
+            p = os.path.join(SHM_DIR, n)
+            os.rmdir(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+        for leftover in Path(SHM_DIR).glob(f".swap-{os.getpid()}*"):
+            leftover.unlink()
+    assert swapped == ([] if swap is None else [swap])
     assert untouched == b"", "something opened the file outside the directory"
     after = outside.stat()
-    assert outside.read_bytes() == b"o" * SIZE
     assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
+    if swap is None:
+        link_file = theirs.inbox.peer.name if kind == "b" else None
+        assert theirs is not None and (kind == "r" or link_file == name)
+    elif swap == "smaller":  # accepted at the handshake, refused before mapping
+        assert isinstance(err, CommClosedError), repr(err)
+        assert f"holds {BUFFER // 2} bytes, not the {BUFFER}" in str(err), str(err)
+    else:
+        assert err is None, repr(err)
+        assert mine is None and theirs is None
+        assert stats.snapshot()["handshake-no-probe"] == 2
