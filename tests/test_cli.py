@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from dask_shm.segments import Segment, ShmDirectory
+from dask_shm.buffers import Buffer
+from dask_shm.names import Directory
 
 from .conftest import SHM_DIR, ours
-from .test_lifetime import CRASHER
+from .test_lifetime import crash
 
 DASK = str(Path(sys.executable).parent / "dask")
 
@@ -22,37 +22,37 @@ def dask_shm(*args: str) -> str:
     return out.stdout
 
 
-def orphan_some() -> int:
-    proc = subprocess.run([sys.executable, "-c", CRASHER, SHM_DIR], capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL
-    return int(proc.stdout)
-
-
 def test_status_and_sweep_remove_orphans_only() -> None:
-    dead = orphan_some()
-    live = Segment.create(ShmDirectory(SHM_DIR), 1 << 16)
+    dead = crash()  # left a buffer, a probe and a release pipe
+    d = Directory(SHM_DIR)
+    live = Buffer(d, 1 << 16)
     try:
         status = json.loads(dask_shm("status", "--json"))
-        by_pid = {}
-        for s in status["segments"]:
-            by_pid.setdefault(s["pid"], []).append(s)
-        assert {s["alive"] for s in by_pid[dead]} == {False}
-        assert len(by_pid[dead]) == 4
+        by_pid: dict[int, list[dict[str, object]]] = {}
+        for f in status["files"]:
+            by_pid.setdefault(int(f["pid"]), []).append(f)
+        assert {f["alive"] for f in by_pid[dead]} == {False}
+        assert sorted(f["kind"] for f in by_pid[dead]) == ["buffer", "probe", "release pipe"]
+        assert [f["size"] for f in by_pid[dead] if f["kind"] == "buffer"] == [1 << 20]
         me = int(live.name.split("-")[2])
-        assert [s["alive"] for s in by_pid[me]] == [True]
-        assert sorted(s["kind"] for s in by_pid[dead]) == ["data", "data", "free", "probe"]
+        assert [(f["kind"], f["alive"]) for f in by_pid[me]] == [("buffer", True)]
+        assert status["directory"] == SHM_DIR
         assert status["free"] > 0 and status["total"] >= status["free"]
+        assert status["buffer-size"] == 64 << 20 and status["fragment-size"] == 8 << 20
+        assert status["huge-pages"]
 
         table = dask_shm("status")
         assert "orphaned" in table and "alive" in table and str(dead) in table
+        assert "huge pages" in table and "buffer-size 64.0 MiB" in table
 
         dry = dask_shm("sweep", "--dry-run")
-        assert "would remove 4 orphaned segment(s)" in dry
-        assert len([n for n in ours() if n.startswith(f"dask-shm-{dead}-")]) == 4
+        assert "would remove 3 orphaned file(s)" in dry
+        assert len([n for n in ours() if n.startswith(f"dask-shm-{dead}-")]) == 3
 
         swept = dask_shm("sweep")
-        assert "removed 4 orphaned segment(s)" in swept
+        assert "removed 3 orphaned file(s)" in swept
         assert ours() == [live.name]
     finally:
         live.destroy()
-    assert "no dask-shm segments" in dask_shm("status")
+        d.close()
+    assert "no dask-shm files" in dask_shm("status")

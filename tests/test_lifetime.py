@@ -1,4 +1,5 @@
-"""Segment lifetime: the janitor after kill -9, a full directory, an unusable one."""
+"""Lifetime of what we create: the janitor after kill -9, regions held by a
+message nobody reads, a full directory, an unusable one, another user."""
 
 from __future__ import annotations
 
@@ -16,67 +17,77 @@ import dask
 import numpy as np
 import pytest
 from distributed.comm import connect, listen
+from distributed.comm.core import Comm
 from distributed.protocol import to_serialize
 
+import dask_shm.buffers
 import dask_shm.comm
-from dask_shm import stats
-from dask_shm.segments import (
-    Segment,
-    ShmDirectory,
-    current_owner,
-    list_segments,
-    new_name,
-    sweep,
-)
+from dask_shm import buffers, stats
+from dask_shm.buffers import Buffer
+from dask_shm.errors import ShmFull
+from dask_shm.janitor import list_files, owned_names, sweep
+from dask_shm.names import Directory, create_probe, current_owner, new_name
 
-from .conftest import SHM_DIR, is_root, ours, wait_for
+from .conftest import SHM_DIR, is_root, ours, root_only, until, wait_for
 from .test_comm import echo_server
 
-root_only = pytest.mark.skipif(
-    not is_root(), reason="mounting a tmpfs needs root (CI runs as root)"
-)
-
+#: Leaves a buffer, a probe and a release pipe, then dies by SIGKILL: no
+#: exit handler runs.
 CRASHER = textwrap.dedent(
     """
     import os, signal, sys
-    from dask_shm.segments import ShmDirectory, Segment, create_probe
-    d = ShmDirectory(sys.argv[1])
-    segs = [Segment.create(d, 1 << 20) for _ in range(3)]
-    segs[0].park()
+    from dask_shm.buffers import Buffer
+    from dask_shm.names import Directory, create_probe, new_name
+    d = Directory(sys.argv[1])
+    b = Buffer(d, 1 << 20)
+    b.fill()
     create_probe(d)
+    os.mkfifo(new_name("r"), 0o600, dir_fd=d.fd)
     print(os.getpid(), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
     """
 )
 
 
-def test_janitor_removes_what_a_killed_process_left() -> None:
-    """kill -9 skips every exit handler; the janitor removes what is left,
-    and the dying process wrote nothing to stderr (no leak warnings)."""
-    proc = subprocess.run(
-        [sys.executable, "-c", CRASHER, SHM_DIR], capture_output=True, text=True
-    )
+def crash() -> int:
+    """Run CRASHER; its pid (its files are left in SHM_DIR)."""
+    proc = subprocess.run([sys.executable, "-c", CRASHER, SHM_DIR], capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL
-    assert proc.stderr == ""
-    pid = int(proc.stdout)
+    assert proc.stderr == ""  # no leak warnings, no traceback
+    return int(proc.stdout)
+
+
+def test_janitor_removes_what_a_killed_process_left() -> None:
+    """kill -9 skips every exit handler; the janitor removes what is left."""
+    pid = crash()
     left = [n for n in ours() if n.startswith(f"dask-shm-{pid}-")]
-    assert len(left) == 4  # two data segments, one parked, one probe
-    d = ShmDirectory(SHM_DIR)  # not .get(): that starts a background sweep
-    assert all(not i.alive for i in list_segments(d) if i.owner.pid == pid)
-    removed = sweep(d)
-    # Another janitor (this process's periodic one) may have won some races.
-    assert {i.name for i in removed} <= set(left)
+    assert sorted(n.split("-")[5] for n in left) == ["b", "p", "r"]
+    d = Directory(SHM_DIR)
+    try:
+        infos = [i for i in list_files(d) if i.owner.pid == pid]
+        assert {i.name for i in infos} == set(left) and not any(i.alive for i in infos)
+        assert [i.size for i in infos if i.kind == "b"] == [1 << 20]
+        assert sorted(i.name for i in sweep(d, dry_run=True)) == sorted(left)
+        assert set(ours()) == set(left)  # a dry run removes nothing
+        assert sorted(i.name for i in sweep(d)) == sorted(left)
+    finally:
+        d.close()
     assert not ours()
 
 
-def test_janitor_never_removes_a_live_process_segment() -> None:
-    d = ShmDirectory.get(SHM_DIR)
-    seg = Segment.create(d, 1 << 16)
+def test_janitor_never_removes_a_live_process_file() -> None:
+    d = Directory(SHM_DIR)
+    b = Buffer(d, 1 << 16)
+    probe, _ = create_probe(d)
     try:
+        assert set(owned_names()) >= {b.name, probe}
         assert sweep(d) == []
-        assert seg.name in ours()
+        assert set(ours()) == {b.name, probe}
     finally:
-        seg.destroy()
+        b.destroy()
+        d.unlink(probe)
+        d.close()
+    assert not ours() and b.name not in owned_names()
 
 
 def _plant(name: str) -> None:
@@ -86,45 +97,68 @@ def _plant(name: str) -> None:
 
 def test_janitor_detects_pid_reuse_and_leaves_other_namespaces_alone() -> None:
     me = current_owner()
-    token = new_name("s").rsplit("-", 1)[1]
-    reused = f"dask-shm-{me.pid}-{me.start + 1}-{me.ns}-s-{token}"
-    foreign = f"dask-shm-{2**22 + 7}-1-{me.ns + 1}-s-{token}"  # another pid namespace
+    token = new_name("b").rsplit("-", 1)[1]
+    reused = f"dask-shm-{me.pid}-{me.start + 1}-{me.ns}-b-{token}"
+    foreign = f"dask-shm-{2**22 + 7}-1-{me.ns + 1}-b-{token}"  # another pid namespace
     _plant(reused)
     _plant(foreign)
+    d = Directory(SHM_DIR)
     try:
-        removed = [i.name for i in sweep(ShmDirectory.get(SHM_DIR))]
-        assert removed == [reused]
+        assert [i.name for i in sweep(d)] == [reused]
         assert foreign in ours()
     finally:
         os.unlink(f"{SHM_DIR}/{foreign}")
+        d.close()
 
 
-def test_unread_segments_are_removed_when_the_comm_aborts() -> None:
-    """A message the peer never read: its segments go when the sender aborts."""
-
-    from dask_shm.pool import get_pool
-
-
+def test_a_process_sweeps_orphans_when_it_first_uses_the_directory() -> None:
+    """The first shm:// handshake of a process sweeps what dead processes
+    left (no thread or timer of ours ever does)."""
+    pid = crash()
+    assert [n for n in ours() if n.startswith(f"dask-shm-{pid}-")]
 
     async def main() -> None:
-        server_side: list[object] = []
-
-        async def handler(comm: object) -> None:
-            server_side.append(comm)  # never reads
-
-        with dask.config.set({"dask-shm.cold-transfer": "shm", "dask-shm.threshold": "64 KiB"}):
-            async with listen("shm://127.0.0.1:0", handler) as listener:
-                comm = await connect(listener.contact_address)
-                await comm.write({"x": to_serialize(np.ones(10**6))})
-                [sent] = comm.link.inflight._names  # type: ignore[attr-defined]
-                assert sent in ours()  # handed over, not taken over
-                comm.abort()
-                assert sent not in ours()
-                for c in server_side:
-                    c.abort()  # type: ignore[attr-defined]
-        assert wait_for(lambda: get_pool().info()["warming"] == 0)
+        async with listen("shm://127.0.0.1:0", echo_server) as listener:
+            comm = await connect(listener.contact_address)
+            assert not [n for n in ours() if n.startswith(f"dask-shm-{pid}-")]
+            await comm.close()
 
     asyncio.run(main())
+
+
+def test_a_message_nobody_reads_holds_its_regions_until_the_receiver_goes(shm_config: None) -> None:
+    """Nothing is freed on a timer: the regions of a message the peer never
+    read stay reserved while its comm lives, and are freed once the
+    receiver's end is gone (another link keeps the buffer meanwhile)."""
+
+    async def main() -> list[int]:
+        receiving: list[Comm] = []
+        in_flight = []
+
+        async def handler(comm: Comm) -> None:
+            receiving.append(comm)  # never reads
+
+        async with listen("shm://127.0.0.1:0", handler) as listener:
+            keep = await connect(listener.contact_address)
+            comm = await connect(listener.contact_address)
+            await comm.write({"x": to_serialize(np.ones(4 << 20, dtype="u1"))})
+            in_flight.append(buffers.info()["buffer-in-flight"])
+            await until(lambda: len(receiving) == 2)
+            [theirs] = [c for c in receiving if c.peer_address == comm.local_address]
+            theirs.abort()  # the receiver goes, its message unread
+            await comm.close()  # our end notices at its close at the latest
+            in_flight.append(buffers.info()["buffer-in-flight"])
+            assert buffers.info()["buffer-bytes"] > 0  # kept by the other link
+            await keep.close()
+            for c in receiving:
+                c.abort()
+        return in_flight
+
+    held, after = asyncio.run(main())
+    assert held >= 4 << 20 and after == 0, (held, after)
+
+
+# -- a full directory ---------------------------------------------------------
 
 
 @pytest.fixture
@@ -133,61 +167,65 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / "shm"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=1777", "tmpfs", str(mnt)], check=True)
+    dask_shm.buffers._full_warned = False
     try:
         yield mnt
     finally:
-        from dask_shm.pool import get_pool
-
-        get_pool().trim()
-        ShmDirectory._cache.pop((os.getpid(), str(mnt)), None)
         subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def of_ours(directory: Path) -> list[str]:
+    return [n for n in os.listdir(directory) if n.startswith("dask-shm-")]
+
+
+@root_only
+def test_a_buffer_that_cannot_fit_fails_before_reserving_anything(small_tmpfs: Path) -> None:
+    """Reserving a buffer larger than the free space would fill the directory
+    for everyone else meanwhile: it fails first, naming the remedy."""
+    d = Directory(str(small_tmpfs))
+    b = Buffer(d, 128 << 20)
+    try:
+        free_before, _ = d.free_space()
+        with pytest.raises(ShmFull, match="free of 64.0 MiB") as e:
+            b.fill()
+        assert d.free_space()[0] == free_before
+        assert "--shm-size" in str(e.value) and "dask-shm.buffer-size" in str(e.value)
+    finally:
+        b.destroy()
+        d.close()
+    assert not of_ours(small_tmpfs)
 
 
 @root_only
 def test_full_directory_falls_back_to_tcp_and_warns_once(
     small_tmpfs: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import dask_shm.segments as segments
-
-    segments._full_warned = False
-    x = np.arange(5 * 10**7)  # 400 MB through a 64 MiB directory
+    """A 128 MiB buffer in a 64 MiB directory: it is refused before anything
+    is reserved, one warning names the remedy, and 100 MB messages travel
+    over TCP, intact."""
+    x = np.arange(125 * 10**5)  # 100 MB
 
     async def main() -> None:
         async with listen("shm://127.0.0.1:0", echo_server) as listener:
-            comm = await connect(listener.contact_address)
-            assert comm.link is not None  # type: ignore[attr-defined]
-            for _ in range(3):
-                await comm.write({"x": to_serialize(x)})
-                np.testing.assert_array_equal((await comm.read())["x"], x)
-            await comm.close()
+            for _ in range(2):  # a second comm: no second warning
+                comm = await connect(listener.contact_address)
+                assert comm.link is not None  # type: ignore[attr-defined]
+                for _ in range(2):
+                    await comm.write({"x": to_serialize(x)})
+                    np.testing.assert_array_equal((await comm.read())["x"], x)
+                await comm.close()
 
-    conf = {"dask-shm.directory": str(small_tmpfs), "dask-shm.cold-transfer": "shm"}
+    conf = {"dask-shm.directory": str(small_tmpfs), "dask-shm.buffer-size": "128 MiB"}
     with dask.config.set(conf), caplog.at_level(logging.WARNING, logger="dask_shm"):
         asyncio.run(main())
     full = [r for r in caplog.records if "cannot reserve" in r.getMessage()]
     assert len(full) == 1, [r.getMessage() for r in caplog.records]
     msg = full[0].getMessage()
     assert "free of 64.0 MiB" in msg and "--shm-size" in msg and "dask-shm.directory" in msg
-    assert stats.snapshot()["fallback-enospc"] >= 3
-    assert not [n for n in os.listdir(small_tmpfs) if n.startswith("dask-shm-")]
-
-
-@root_only
-def test_a_paced_creation_that_cannot_fit_fails_before_reserving_anything(
-    small_tmpfs: Path,
-) -> None:
-    """A warm-up reserves a large segment step by step; one that cannot fit
-    must fail at once, not fill the directory for the length of its steps
-    (everyone else's probes and segments would meet ENOSPC meanwhile: a
-    handshake failed so in CI once)."""
-    from dask_shm.segments import CREATE_STEP, ShmFull
-
-    d = ShmDirectory(str(small_tmpfs))
-    steps: list[int] = []
-    with pytest.raises(ShmFull, match="free of 64.0 MiB"):
-        Segment.create(d, 3 * CREATE_STEP, pace=lambda: steps.append(1))
-    assert steps == []
-    assert not os.listdir(small_tmpfs)
+    counts = stats.snapshot()
+    assert counts["fallback-enospc"] >= 1 and counts.get("shm-messages", 0) == 0, counts
+    assert counts["tcp-messages"] == 8, counts
+    assert not of_ours(small_tmpfs)
 
 
 @root_only
@@ -213,7 +251,7 @@ def test_a_directory_too_full_for_a_probe_means_plain_tcp(small_tmpfs: Path) -> 
         with dask.config.set({"dask-shm.directory": str(small_tmpfs)}):
             asyncio.run(main())
         assert stats.snapshot().get("fallback-probe-failed", 0) >= 1
-        assert not [n for n in os.listdir(small_tmpfs) if n.startswith("dask-shm-")]
+        assert not of_ours(small_tmpfs)
     finally:
         filler.unlink()
 
@@ -221,35 +259,54 @@ def test_a_directory_too_full_for_a_probe_means_plain_tcp(small_tmpfs: Path) -> 
 def _worker_state() -> dict[str, int]:
     from dask_shm import stats as worker_stats
 
-    return {"pid": os.getpid(), "enospc": worker_stats.snapshot().get("fallback-enospc", 0)}
+    snap = worker_stats.snapshot()
+    return {
+        "pid": os.getpid(),
+        "enospc": snap.get("fallback-enospc", 0),
+        "probe-failed": snap.get("fallback-probe-failed", 0),
+        "shm": snap.get("shm-messages", 0),
+        "buffer": snap.get("buffer-bytes", 0),
+    }
+
+
+def _last(x: np.ndarray) -> int:
+    return int(x[-1])
 
 
 @root_only
-def test_full_directory_on_a_cluster_moves_400_mb_and_no_worker_dies(small_tmpfs: Path) -> None:
-    """Worker processes on a 64 MiB directory: a 400 MB worker-to-worker
-    dependency and a direct gather arrive intact through the TCP fallback,
-    no worker dies (same pids before and after: no SIGBUS), the fallback is
-    counted, and nothing is left in the small directory."""
+@pytest.mark.parametrize("buffer_size", ["24 MiB", "64 MiB"])
+def test_full_directory_on_a_cluster_moves_400_mb_and_no_worker_dies(
+    small_tmpfs: Path, buffer_size: str
+) -> None:
+    """Worker processes on a 64 MiB directory (Docker's default /dev/shm):
+    not every process's buffer fits (with the default 64 MiB, the first
+    buffer fills the whole directory); those that do not fit send over TCP,
+    as do comms whose probes found no room.  A 400 MB worker-to-worker
+    dependency and a direct gather arrive intact, no worker dies (same pids
+    before and after: no SIGBUS), and nothing is left in the directory."""
     from distributed import Client, LocalCluster
 
-    conf = {"dask-shm.directory": str(small_tmpfs), "dask-shm.cold-transfer": "shm"}
+    conf = {
+        "dask-shm.directory": str(small_tmpfs),
+        "dask-shm.buffer-size": buffer_size,
+        "dask-shm.fragment-size": "4 MiB",
+    }
     with dask.config.set(conf), LocalCluster(
         protocol="shm", n_workers=2, threads_per_worker=1, dashboard_address=":0"
     ) as lc, Client(lc) as client:
         a, b = sorted(client.scheduler_info()["workers"])
         before = client.run(_worker_state)
         x = client.submit(np.arange, 5 * 10**7, workers=[a], pure=False)
-        last = client.submit(lambda v: int(v[-1]), x, workers=[b]).result()
-        assert last == 5 * 10**7 - 1
+        assert client.submit(_last, x, workers=[b]).result() == 5 * 10**7 - 1
         got = client.gather(x, direct=True)
         assert int(got[-1]) == 5 * 10**7 - 1 and got.size == 5 * 10**7
         after = client.run(_worker_state)
         assert {w: s["pid"] for w, s in after.items()} == {w: s["pid"] for w, s in before.items()}
-        assert after[a]["enospc"] >= 1, after
+        everywhere = [*after.values(), _worker_state()]  # (the nannies live in this process)
+        assert sum(s["enospc"] + s["probe-failed"] for s in everywhere) >= 1, everywhere
+        assert sum(s["buffer"] for s in everywhere) <= 64 << 20, everywhere
         del x, got
-    assert wait_for(
-        lambda: not [n for n in os.listdir(small_tmpfs) if n.startswith("dask-shm-")]
-    )
+    assert wait_for(lambda: not of_ours(small_tmpfs))
 
 
 @root_only
@@ -283,7 +340,7 @@ NOBODY = 65534
 
 
 @pytest.mark.skipif(not is_root(), reason="switching to another uid needs root (CI runs as root)")
-def test_another_user_cannot_use_our_segments_and_gets_tcp() -> None:
+def test_another_user_cannot_use_our_files_and_gets_tcp() -> None:
     """A peer of another uid fails the probe both ways (our 0600 files are
     closed to it, and we refuse files it owns): TCP, and correct data."""
     import threading
@@ -316,7 +373,7 @@ def test_another_user_cannot_use_our_segments_and_gets_tcp() -> None:
     try:
         # Same user first: loads every module the child will need (it cannot
         # import anything once it is nobody) and shows the contrast.
-        with dask.config.set({"dask-shm.threshold": "64 KiB", "dask-shm.cold-transfer": "shm"}):
+        with dask.config.set({"dask-shm.threshold": "64 KiB"}):
             assert asyncio.run(peer(address)) == "shm True"
             r, w = os.pipe()
             pid = os.fork()
@@ -340,3 +397,4 @@ def test_another_user_cannot_use_our_segments_and_gets_tcp() -> None:
         loop.close()
     assert status == 0 and out == "tcp True", out
     assert stats.snapshot().get("handshake-no-probe", 0) >= 1
+    assert wait_for(lambda: not ours())
