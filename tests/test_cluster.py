@@ -10,13 +10,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, as_completed
 
 from dask_shm import stats
 
-from .conftest import dask_processes, ours, wait_for
+from .conftest import dask_processes, ours, peer_env, wait_for
 
 N = 8 * 10**6  # 64 MB of int64
+PREFIX = "dask-shm-"
 
 
 def where(x: np.ndarray) -> dict[str, Any]:
@@ -37,8 +38,19 @@ def where(x: np.ndarray) -> dict[str, Any]:
     }
 
 
-def in_shm(info: dict[str, Any]) -> bool:
-    return bool(info["path"]) and os.path.basename(info["path"]).startswith("dask-shm-")
+def private(info: dict[str, Any]) -> bool:
+    """Copy-out: received data lives in the receiver's own memory."""
+    return not (info["path"] and os.path.basename(info["path"]).startswith(PREFIX))
+
+
+def sent() -> int:
+    """Messages this process sent through shared memory so far."""
+    return stats.snapshot().get("shm-messages", 0)
+
+
+def everywhere(client: Client) -> dict[str, int]:
+    """``sent()`` in each worker and in this process (client and scheduler)."""
+    return {**client.run(sent), "here": sent()}
 
 
 @pytest.fixture
@@ -53,65 +65,88 @@ def cluster(shm_config: None) -> Iterator[tuple[LocalCluster, Client]]:
         yield lc, client
 
 
-def test_worker_to_worker_is_zero_copy(cluster: tuple[LocalCluster, Client]) -> None:
+def test_worker_to_worker_goes_through_shared_memory(cluster: tuple[LocalCluster, Client]) -> None:
     lc, client = cluster
     a, b = sorted(client.scheduler_info()["workers"])
     x = client.submit(np.arange, N, workers=[a], pure=False)
+    before = everywhere(client)
     info = client.submit(where, x, workers=[b]).result()
-    assert info["ok"] and info["writeable"]
-    assert in_shm(info), info
-    received = client.run(lambda: stats.snapshot().get("segments-received", 0), workers=[b])
-    assert received[b] >= 1
+    after = everywhere(client)
+    assert info["ok"] and info["writeable"] and private(info), info
+    assert after[a] > before[a], (before, after)  # a sent it to b
+    assert client.run(lambda: stats.snapshot()["peer-buffers"], workers=[b])[b] >= 1
 
 
 def test_every_data_path_uses_shared_memory(cluster: tuple[LocalCluster, Client]) -> None:
+    """Scatter and gather, through the scheduler and straight to the
+    worker: every hop is a shared-memory message (the scheduler, a relay,
+    forwards what it copied out)."""
     lc, client = cluster
     a, b = sorted(client.scheduler_info()["workers"])
     data = np.arange(N)
 
-    # scatter through the scheduler (two hops, each negotiated for itself;
-    # the scheduler hands the segment it received on without copying)
-    [via_sched] = client.scatter([data], workers=[a])
-    assert in_shm(client.submit(where, via_sched, workers=[a]).result())
-    assert stats.snapshot().get("segments-forwarded", 0) == 1  # this process is the scheduler
-    # scatter straight to the worker
-    [direct] = client.scatter([data], workers=[b], direct=True)
-    assert in_shm(client.submit(where, direct, workers=[b]).result())
+    def hops(action: Any) -> tuple[dict[str, int], Any]:
+        """What ``action()`` returned, and who sent shared-memory messages
+        for it (how many)."""
+        before = everywhere(client)
+        result = action()
+        after = everywhere(client)
+        return {k: after[k] - before[k] for k in after if after[k] != before[k]}, result
 
-    # gather through the scheduler and straight from the worker: this process
-    # receives into shared memory
+    # client -> scheduler -> a: this process sends twice
+    moved, [via_sched] = hops(lambda: client.scatter([data], workers=[a]))
+    assert moved == {"here": 2}, moved
+    assert client.submit(where, via_sched, workers=[a]).result()["ok"]
+    # client -> b
+    moved, [direct] = hops(lambda: client.scatter([data], workers=[b], direct=True))
+    assert moved == {"here": 1}, moved
+    assert client.submit(where, direct, workers=[b]).result()["ok"]
+
     y = client.submit(np.arange, N, workers=[a], pure=False)
-    for kwargs in ({"direct": False}, {"direct": True}):
-        got = client.gather(y, **kwargs)
-        info = where(got)
-        assert info["ok"] and in_shm(info), (kwargs, info)
-        del got
-    assert stats.snapshot()["segments-forwarded"] == 2  # the gather via the scheduler
-    del via_sched, direct, y
+    y.result()
+    # a -> scheduler -> client, then a -> client
+    moved, got = hops(lambda: client.gather(y, direct=False))
+    assert moved == {a: 1, "here": 1}, moved
+    np.testing.assert_array_equal(got, data)
+    moved, got = hops(lambda: client.gather(y, direct=True))
+    assert moved == {a: 1}, moved
+    np.testing.assert_array_equal(got, data)
+    assert got.flags.writeable and private(where(got))
+    del via_sched, direct, y, got
 
 
-def test_results_are_right_on_a_transfer_heavy_workload(
-    cluster: tuple[LocalCluster, Client],
-) -> None:
+def double(x: np.ndarray) -> np.ndarray:
+    return x * 2
+
+
+def test_futures_and_dask_array_end_to_end(cluster: tuple[LocalCluster, Client]) -> None:
     import dask.array as da
 
     lc, client = cluster
+    rng = np.random.default_rng(0)
+    arrays = [rng.random(n) for n in (10, 10**5, 2 * 10**6, 3 * 10**6)]
+    futures = client.map(double, client.scatter(arrays))
+    got = {i: f.result() for i, f in enumerate(futures)}
+    for i, x in enumerate(arrays):
+        np.testing.assert_array_equal(got[i], x * 2)
+    for f in as_completed(client.map(np.sum, futures)):
+        assert f.result() > 0
+
     x = da.random.RandomState(0).random((4000, 4000), chunks=(1000, 4000))
     y = (x.T + x).rechunk((4000, 1000)).sum(axis=0)
     expected = (x.compute().T + x.compute()).sum(axis=0)
     np.testing.assert_allclose(y.compute(), expected)
-    moved = client.run(lambda: stats.snapshot().get("shm-messages", 0))
-    assert sum(moved.values()) > 0
+    moved = everywhere(client)
+    assert sum(moved.values()) > 0, moved
+    del futures
 
 
 def test_cli_scheduler_and_workers(tmp_path: Path) -> None:
+    """``dask scheduler --protocol shm`` and ``dask worker`` processes: the
+    workers listen on shm:// too, and their transfers go through shared
+    memory; processes that end normally leave nothing behind."""
     # The scheduler unpickles task graphs that refer to this module.
-    root = str(Path(__file__).parent.parent)
-    env = dict(
-        os.environ,
-        DASK_DASK_SHM__COLD_TRANSFER="shm",
-        PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-    )
+    env = peer_env(threshold="64 KiB")
     sched_file = tmp_path / "scheduler.json"
     with dask_processes(env) as start:
         start("scheduler", "--protocol", "shm", "--host", "127.0.0.1", "--port", "0",
@@ -126,9 +161,10 @@ def test_cli_scheduler_and_workers(tmp_path: Path) -> None:
             a, b = sorted(client.scheduler_info()["workers"])
             assert a.startswith("shm://") and b.startswith("shm://")
             x = client.submit(np.arange, N, workers=[a], pure=False)
+            before = client.run(sent)
             info = client.submit(where, x, workers=[b]).result()
-            assert info["ok"] and in_shm(info), info
+            assert info["ok"], info
+            assert client.run(sent)[a] > before[a]
             del x
             client.retire_workers()
-    # Processes that ended normally leave nothing behind.
     assert wait_for(lambda: not ours()), ours()
