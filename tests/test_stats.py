@@ -39,18 +39,25 @@ def test_counters_from_client_run_and_prometheus(shm_config: None) -> None:
         assert small == 4 * 10**6
         counts = client.run(stats.snapshot)
         assert counts[a]["shm-messages"] >= 1 and counts[a]["shm-bytes"] >= 32 * 10**6
-        assert counts[b]["segments-received"] >= 1
+        assert counts[a]["buffer-bytes"] == 64 << 20  # the default buffer-size
+        assert counts[b]["peer-buffers"] >= 1
         assert all(c["handshake-shm"] >= 1 for c in counts.values())
 
         port = info[a]["services"]["dashboard"]
         exported = metrics_of("127.0.0.1", port)
         assert exported["dask_shm_shm_messages_total"] >= 1, exported
         assert exported["dask_shm_shm_bytes_total"] >= 32 * 10**6
-        assert "dask_shm_pool_limit" in exported
+        assert exported["dask_shm_buffer_bytes"] == 64 << 20
+        assert "dask_shm_buffer_in_flight" in exported and "dask_shm_peer_buffers" in exported
         # The scheduler's endpoint too (it runs in this process here).
         sched = metrics_of("127.0.0.1", client.scheduler_info()["services"]["dashboard"])
         assert "dask_shm_handshake_shm_total" in sched
         del x
+
+
+def test_gauges_are_zero_once_the_last_comm_is_gone() -> None:
+    snap = stats.snapshot()
+    assert (snap["buffer-bytes"], snap["buffer-in-flight"], snap["peer-buffers"]) == (0, 0, 0)
 
 
 def test_tally_counts_live_and_after_its_owner_dies() -> None:
