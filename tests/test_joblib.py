@@ -8,10 +8,10 @@ unless the client was made with ``direct_to_workers=True``.  The task then
 refers to the future.  Results are fetched by ``as_completed(...,
 with_results=True)``, i.e. ``client._gather([future])``, again with no
 ``direct=``: *through the scheduler* (worker -> scheduler -> client) by
-default, straight from the worker with ``direct_to_workers=True``.  Both
-hops of each relay are ``shm://`` comms here, so both directions are
-checked, both ways of routing them, and the default configuration (4 MiB
-threshold, cold transfers over TCP) as well as the eager one.
+default, straight from the worker with ``direct_to_workers=True``.  Every
+hop is an ``shm://`` comm here, each a shared-memory message of its own, so
+both directions are checked, both ways of routing them, and the default
+configuration (1 MiB threshold) from the very first call.
 """
 
 from __future__ import annotations
@@ -27,12 +27,8 @@ from distributed import Client, LocalCluster
 from joblib import Parallel, delayed, parallel_config
 
 from dask_shm import stats
-from dask_shm.pool import get_pool
-from dask_shm.segments import PREFIX
 
-from .conftest import wait_for
-
-N = 10**6  # 8 MB of int64: above the 4 MiB default threshold
+N = 10**6  # 8 MB of int64: above the 1 MiB default threshold
 TASKS = 4
 
 
@@ -58,20 +54,16 @@ def counter(name: str) -> int:
     return stats.snapshot().get(name, 0)
 
 
-def pools_settled() -> bool:
-    """No background warm-up running in this process (run on workers too)."""
-    return get_pool().info()["warming"] == 0
-
-
 def in_shm(x: np.ndarray) -> bool:
-    """Whether ``x``'s memory is a mapping of one of our segments."""
+    """Whether ``x``'s memory is a mapping of one of our files (never: the
+    receiver copies out)."""
     addr = x.__array_interface__["data"][0]
     with open("/proc/self/maps") as f:
         for line in f:
             parts = line.split()
             lo, hi = (int(v, 16) for v in parts[0].split("-"))
             if lo <= addr < hi:
-                return len(parts) > 5 and os.path.basename(parts[5]).startswith(PREFIX)
+                return len(parts) > 5 and os.path.basename(parts[5]).startswith("dask-shm-")
     return False
 
 
@@ -99,12 +91,6 @@ def everywhere(client: Client, name: str) -> dict[str, int]:
     return out
 
 
-def settle(client: Client) -> None:
-    """Let every process finish warming its pool (cold-transfer: tcp)."""
-    assert wait_for(pools_settled)
-    assert wait_for(lambda: all(client.run(pools_settled).values()))
-
-
 def inputs() -> list[np.ndarray]:
     return [np.arange(N, dtype=np.int64) + i for i in range(TASKS)]
 
@@ -124,7 +110,7 @@ def check_round_trip(xs: list[np.ndarray], ys: list[np.ndarray], k: int) -> None
 
 @pytest.fixture
 def client(shm_config: None) -> Iterator[Client]:
-    """shm:// with shared memory from 64 KiB on, even on a cold pool."""
+    """shm:// with shared memory from 64 KiB on."""
     with local_cluster("shm") as c:
         yield c
 
@@ -137,26 +123,21 @@ def test_large_arguments_go_to_the_workers_through_shared_memory(client: Client)
     with parallel_config(backend="dask"):
         got = Parallel()(delayed(total)(x) for x in xs)
     assert got == [int(x.sum()) for x in xs]
-    # client -> scheduler: written by this process; the scheduler (also this
-    # process) hands each segment on; the workers take them over.
-    assert counter("shm-messages") >= 1
-    assert counter("segments-forwarded") >= TASKS
-    received = client.run(counter, "segments-received")
-    assert sum(received.values()) >= TASKS, received
+    # client -> scheduler -> worker: both hops written by this process.
+    assert counter("shm-messages") >= 2 * TASKS
 
 
-def test_large_results_come_back_zero_copy(client: Client) -> None:
+def test_large_results_come_back_through_shared_memory(client: Client) -> None:
     with parallel_config(backend="dask"):
         ys = Parallel()(delayed(make)(seed, N) for seed in range(1, TASKS + 1))
     for seed, y in zip(range(1, TASKS + 1), ys, strict=True):
         np.testing.assert_array_equal(y, np.arange(N, dtype=np.int64) * seed)
-    # worker -> scheduler -> client: the workers wrote segments, the
-    # scheduler handed them on, and what Parallel returned are views of them.
+    # worker -> scheduler -> client: the workers wrote the first hop, this
+    # process (the scheduler) the second.
     written = client.run(counter, "shm-messages")
-    assert sum(written.values()) >= 1, written
-    assert counter("segments-forwarded") >= TASKS
-    assert counter("segments-received") >= TASKS
-    assert all(in_shm(y) for y in ys)
+    assert sum(written.values()) >= TASKS, written
+    assert counter("shm-messages") >= TASKS
+    assert not any(in_shm(y) for y in ys)
     assert all(y.flags.writeable for y in ys)
     ys[0][:] = 0  # ours to modify, like any result
     del ys, y
@@ -185,35 +166,27 @@ def test_several_calls_both_directions(shm_config: None, direct: bool) -> None:
         with parallel_config(backend="dask", n_jobs=2):
             ys = round_trip(xs, 7)
             check_round_trip(xs, ys, 7)
-            assert all(in_shm(y) for y in ys)
             del ys
 
         messages = everywhere(client, "shm-messages")
         assert all(messages.values()), messages  # every process wrote some
-        forwarded = counter("segments-forwarded")
-        if direct:
-            assert forwarded == 0  # the scheduler relayed nothing
-        else:
-            assert forwarded >= 2 * 4 * TASKS  # 4 calls, both ways
-        assert not any(everywhere(client, "fallback-cold").values())
 
 
-def test_default_configuration_warms_up() -> None:
-    """Threshold 4 MiB, cold transfers over TCP: the first call goes (partly)
-    over TCP while the pools warm; later calls of the same sizes use shared
-    memory.  Results are right either way."""
+def test_default_configuration_uses_shared_memory_from_the_first_call() -> None:
+    """Threshold 1 MiB, nothing warmed: a process's buffer is filled before
+    its first link is up, so the very first call's transfers already go
+    through shared memory.  Results are right on every call."""
     xs = inputs()
     with local_cluster("shm") as client:
         with parallel_config(backend="dask"):
-            for k in range(1, 5):
+            ys = round_trip(xs, 1)
+            check_round_trip(xs, ys, 1)
+            first = everywhere(client, "shm-messages")
+            for k in range(2, 4):
                 ys = round_trip(xs, k)
                 check_round_trip(xs, ys, k)
-                del ys
-                settle(client)
-        cold = everywhere(client, "fallback-cold")
-        messages = everywhere(client, "shm-messages")
-        assert sum(cold.values()) >= 1, cold
-        assert sum(messages.values()) >= 1, messages
+            del ys
+        assert all(first.values()), first
 
 
 def test_tcp_gives_the_same_results(shm_config: None) -> None:
@@ -225,7 +198,6 @@ def test_tcp_gives_the_same_results(shm_config: None) -> None:
             with parallel_config(backend="dask"):
                 sums = Parallel()(delayed(total)(x) for x in xs)
                 ys = round_trip(xs, 3)
-            ys = [np.array(y) for y in ys]  # copies: nothing left mapped
             return sums, ys, sum(everywhere(client, "shm-messages").values())
 
     tcp_sums, tcp_ys, tcp_shm = run("tcp")
