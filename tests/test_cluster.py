@@ -141,6 +141,14 @@ def test_futures_and_dask_array_end_to_end(cluster: tuple[LocalCluster, Client])
     del futures
 
 
+def scheduler_address(path: Path) -> str | None:
+    """The address in a scheduler file, once it is completely written."""
+    try:
+        return str(json.loads(path.read_text())["address"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
 def test_cli_scheduler_and_workers(tmp_path: Path) -> None:
     """``dask scheduler --protocol shm`` and ``dask worker`` processes: the
     workers listen on shm:// too, and their transfers go through shared
@@ -151,8 +159,8 @@ def test_cli_scheduler_and_workers(tmp_path: Path) -> None:
     with dask_processes(env) as start:
         start("scheduler", "--protocol", "shm", "--host", "127.0.0.1", "--port", "0",
               "--no-dashboard", "--scheduler-file", str(sched_file))
-        assert wait_for(sched_file.exists, timeout=30)
-        address = json.loads(sched_file.read_text())["address"]
+        assert wait_for(lambda: scheduler_address(sched_file), timeout=30)
+        address = scheduler_address(sched_file)
         assert address.startswith("shm://")
         start("worker", address, "--nworkers", "2", "--nthreads", "1", "--no-dashboard",
               "--host", "127.0.0.1")
