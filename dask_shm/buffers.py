@@ -272,15 +272,26 @@ class Buffer:
         the release pipe read through ``fd``."""
         box = Outbox(fd)
         with self._lock:
+            self._tidy()
             self._outboxes.add(box)
         return box
 
     def retire(self, box: Outbox) -> None:
-        """``box``'s comm has ended.  Its regions stay reserved until its
-        receiver's end of the pipe closes (then they are freed at the next
-        poll), or until this buffer is destroyed."""
+        """``box``'s comm has ended.  What it still has in flight stays
+        reserved until its receiver releases it or its end of the pipe
+        closes; with nothing in flight its pipe closes now."""
         with self._lock:
+            box.retired = True
+            self._tidy()
+
+    def _tidy(self) -> None:
+        """Poll retired outboxes, and drop those with nothing left in flight
+        (the lock held).  Called whenever a link comes or goes, so their
+        number stays that of receivers still copying."""
+        for box in [b for b in self._outboxes if b.retired]:
             box.poll(self)
+            if not box.inflight:
+                box.close()
             if box.closed:
                 self._outboxes.discard(box)
 
@@ -297,6 +308,8 @@ class Outbox:
         self.sent = 0
         self.released = 0
         self.closed = False
+        #: Its comm has ended (see :meth:`Buffer.retire`).
+        self.retired = False
         #: Bumped whenever regions of this link are freed, by whichever
         #: link's :meth:`Buffer.place` polled them (see :meth:`Buffer.wait`).
         self.freed = 0
