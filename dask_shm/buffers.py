@@ -5,11 +5,18 @@ Who creates memory
     *buffer*: a file ``dask-shm-<identity>-b-<random>`` of
     ``dask-shm.buffer-size`` bytes in the shm directory.  Its first handshake
     creates it (``O_CREAT | O_EXCL``, mode 0600); before its first message
-    the process reserves every page (``posix_fallocate``: a full tmpfs fails
+    through it the process reserves every page (``posix_fallocate``: a full tmpfs fails
     there with ENOSPC, never with SIGBUS later), maps it and faults it in,
     off the event loop.  From then on it stays mapped and serves every
     message the process sends, whatever the size: no message needs fresh
     pages, no message pays for mmap or munmap.
+
+Single copy, when the kernel permits it
+    A receiver that may read the sender's memory (``process_vm_readv``;
+    tested at the handshake) copies large frames straight out of the
+    sender's own objects instead, and the buffer is never filled.  The
+    sender keeps those frames unchanged until the receiver releases them
+    through the same release pipe; nothing of them lives in shared memory.
 
 Who may write and read it
     Only the owner writes into its buffer.  To send, it allocates a region,
@@ -67,6 +74,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import ctypes
 import errno
 import logging
 import mmap
@@ -88,6 +96,8 @@ logger = logging.getLogger(__name__)
 #: Regions one link may have in flight: one release byte each must fit in
 #: the pipe without blocking the receiver (POSIX guarantees PIPE_BUF, 4096).
 PIPE_REGIONS = 4096
+#: An entry of an outbox for a frame read in place, not a buffer region.
+PINNED = -1
 #: Regions start on cache-line boundaries, so copies into them are aligned.
 ALIGN = 64
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+; older kernels: touch each page
@@ -190,6 +200,8 @@ class Buffer:
         return at
 
     def _free(self, offset: int) -> None:
+        if offset == PINNED:
+            return
         i = bisect.bisect_left(self._used, (offset, -1))
         if i < len(self._used) and self._used[i][0] == offset:
             del self._used[i]
@@ -215,7 +227,18 @@ class Buffer:
                 offset = self._find(n)
             if offset is not None:
                 box.inflight.append(offset)
+                box.sent += 1
             return offset
+
+    def pin(self, box: Outbox, n: int) -> int:
+        """Record ``n`` frames a receiver will read in place from this
+        process's memory (single copy); returns the ``box.released`` count
+        at which all are released and the frames may change again."""
+        with self._lock:
+            box.poll(self)
+            box.inflight.extend([PINNED] * n)
+            box.sent += n
+            return box.sent
 
     async def wait(self, box: Outbox, seen: int) -> None:
         """Wait until regions of ``box`` are freed after ``seen`` (its
@@ -249,15 +272,26 @@ class Buffer:
         the release pipe read through ``fd``."""
         box = Outbox(fd)
         with self._lock:
+            self._tidy()
             self._outboxes.add(box)
         return box
 
     def retire(self, box: Outbox) -> None:
-        """``box``'s comm has ended.  Its regions stay reserved until its
-        receiver's end of the pipe closes (then they are freed at the next
-        poll), or until this buffer is destroyed."""
+        """``box``'s comm has ended.  What it still has in flight stays
+        reserved until its receiver releases it or its end of the pipe
+        closes; with nothing in flight its pipe closes now."""
         with self._lock:
+            box.retired = True
+            self._tidy()
+
+    def _tidy(self) -> None:
+        """Poll retired outboxes, and drop those with nothing left in flight
+        (the lock held).  Called whenever a link comes or goes, so their
+        number stays that of receivers still copying."""
+        for box in [b for b in self._outboxes if b.retired]:
             box.poll(self)
+            if not box.inflight:
+                box.close()
             if box.closed:
                 self._outboxes.discard(box)
 
@@ -268,8 +302,14 @@ class Outbox:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        #: Buffer offsets, or PINNED for a frame a receiver reads in place.
         self.inflight: deque[int] = deque()
+        #: Entries ever added to ``inflight``, and released since.
+        self.sent = 0
+        self.released = 0
         self.closed = False
+        #: Its comm has ended (see :meth:`Buffer.retire`).
+        self.retired = False
         #: Bumped whenever regions of this link are freed, by whichever
         #: link's :meth:`Buffer.place` polled them (see :meth:`Buffer.wait`).
         self.freed = 0
@@ -289,11 +329,14 @@ class Outbox:
         if not data:  # end of file: the receiver will read nothing more
             for offset in self.inflight:
                 buffer._free(offset)
+            self.released += len(self.inflight)
             self.inflight.clear()
             self.close()
         else:
-            for _ in range(min(len(data), len(self.inflight))):
+            n = min(len(data), len(self.inflight))
+            for _ in range(n):
                 buffer._free(self.inflight.popleft())
+            self.released += n
         self.freed += 1
         if self._waiter is not None:
             loop, future = self._waiter
@@ -404,6 +447,24 @@ class Inbox:
                 elif not self._copying:
                     self._close_pipe()
 
+    def read_in_place(self, pid: int, pairs: Sequence[tuple[int, np.ndarray]]) -> None:
+        """Copy frames the sender described in its own memory (single copy,
+        :func:`read_remote`), then release them, one byte each."""
+        with self._lock:
+            self._copying += 1
+        try:
+            read_remote(pid, pairs)
+        finally:
+            with self._lock:
+                self._copying -= 1
+                if not self.closed:
+                    try:
+                        os.write(self._pipe, b"\0" * len(pairs))
+                    except BrokenPipeError:
+                        pass
+                elif not self._copying:
+                    self._close_pipe()
+
     def close(self) -> None:
         """No more regions will be read; a copy under way finishes first."""
         with self._lock:
@@ -415,6 +476,52 @@ class Inbox:
         if self._pipe >= 0:
             os.close(self._pipe)
             self._pipe = -1
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_process_vm_readv = getattr(_libc, "process_vm_readv", None)
+if _process_vm_readv is not None:
+    _process_vm_readv.restype = ctypes.c_ssize_t
+#: iovecs per process_vm_readv call (Linux's IOV_MAX).
+_IOV_MAX = 1024
+
+
+def read_remote(pid: int, pairs: Sequence[tuple[int, np.ndarray]]) -> None:
+    """Copy, for each (address, destination) pair, ``destination.nbytes``
+    bytes at that address in process ``pid`` into ``destination``, with
+    ``process_vm_readv``: one copy, made by the kernel, without the sender's
+    help.  Blocking (the call releases the GIL); safe in any thread.
+
+    Raises
+    ------
+    OSError
+        ESRCH if the process is gone, EFAULT if it does not have the memory,
+        EPERM if we may not read it.
+    """
+    if _process_vm_readv is None:
+        raise OSError(errno.ENOSYS, "process_vm_readv is not available here")
+    todo = [(a, d) for a, d in pairs if d.nbytes]
+    while todo:
+        batch = todo[:_IOV_MAX]
+        remote = (_IOVec * len(batch))(*[(a, d.nbytes) for a, d in batch])
+        local = (_IOVec * len(batch))(*[(d.ctypes.data, d.nbytes) for _, d in batch])
+        got = _process_vm_readv(pid, local, len(batch), remote, len(batch), 0)
+        if got <= 0:
+            e = ctypes.get_errno() if got < 0 else errno.EFAULT
+            raise OSError(e, os.strerror(e))
+        # A partial read is legal (the kernel caps one call near 2 GiB).
+        while got:
+            a, d = todo[0]
+            k = min(got, d.nbytes)
+            got -= k
+            if k == d.nbytes:
+                todo.pop(0)
+            else:
+                todo[0] = (a + k, d[k:])
 
 
 class Host:

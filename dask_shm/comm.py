@@ -18,6 +18,8 @@ underscore.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import logging
 import os
 import pickle
@@ -36,7 +38,7 @@ from distributed.utils import ensure_memoryview, nbytes, offload
 from tornado import gen
 
 from dask_shm import family, metrics, stats
-from dask_shm.buffers import Host, Inbox, Outbox, PeerBuffer
+from dask_shm.buffers import Host, Inbox, Outbox, PeerBuffer, read_remote
 from dask_shm.config import Settings, settings
 from dask_shm.descriptor import INLINE, decode, encode
 from dask_shm.errors import BufferMissing, DescriptorError, ShmFull
@@ -90,6 +92,8 @@ class Link:
         self.fragment_size = conf.fragment_size
         #: Serializers for writes that name none (``dask-shm.serializers``).
         self.serializers = conf.serializers
+        #: The peer reads our frames in place (one copy): set by the handshake.
+        self.single_copy = False
         self.below_threshold = stats.Tally("below-threshold")
         #: Set while no message is being streamed on this comm: a message
         #: must not start between the fragments of another.
@@ -125,6 +129,9 @@ class _Handshake:
         self.host = host
         self.conf = conf
         self.probe, self.token = create_probe(host.directory)
+        #: The token again, in this process's memory: a peer that can read
+        #: it there (process_vm_readv) may read our frames in place.
+        self.memory = ctypes.create_string_buffer(self.token.encode("ascii"))
         self.pipe: str | None = None
         self.pipe_fd = -1
         self.finalizer: weakref.finalize[Any, Any] | None = None
@@ -264,6 +271,21 @@ class _Cursor:
         return out
 
 
+def _reads_token(peer: Owner | None, address: object, token: str | None) -> bool:
+    """Whether we can read ``token`` at ``address`` in the peer's memory:
+    then the kernel lets us read its frames in place (same user, no Yama or
+    seccomp restriction, the pid we see is the peer's)."""
+    if peer is None or token is None or not isinstance(address, int) or address <= 0:
+        return False
+    got = np.zeros(len(token), dtype=np.uint8)
+    try:
+        read_remote(peer.pid, [(address, got)])
+    except OSError as e:
+        logger.debug("cannot read pid %d's memory (%s): frames are copied twice", peer.pid, e)
+        return False
+    return got.tobytes() == token.encode("ascii")
+
+
 def _spread(src: np.ndarray, into: list[np.ndarray]) -> None:
     """Copy ``src`` into consecutive pieces ``into``."""
     pos = 0
@@ -315,7 +337,8 @@ class SHM(TCP):
     names a fresh file in the shm directory holding a random token, ``owner``
     is this process's (pid, start time, pid namespace), ``buffer`` and
     ``size`` its shared buffer (see :mod:`dask_shm.buffers`), ``release``
-    the FIFO through which the peer will release regions of it.  If both
+    the FIFO through which the peer will release what it has read,
+    ``memory`` (see Single copy).  If both
     peers sent the key with the same version, each reads the other's probe,
     opens the other's buffer and release pipe, and both exchange one extra
     message ``{"dask-shm-echo": token-or-None}``.  Shared memory is used only
@@ -324,9 +347,20 @@ class SHM(TCP):
     or if the peer is a plain TCP comm, nothing more is exchanged and the
     comm is TCP byte for byte.
 
+    **Single copy.**  ``memory`` in the handshake is the address of the
+    probe token in this process's memory.  A peer that can read the token
+    there with ``process_vm_readv`` (same user; no Yama ptrace restriction
+    or seccomp filter; the pid it sees is ours) says so in its echo, and
+    then reads our large messages in place: the descriptor lists each
+    frame's address, the receiver copies the frames straight into its own
+    memory (one copy, by the kernel) and releases them through the release
+    pipe, and our write returns only then, so the frames do not change while
+    they are read.  A relay therefore adds one copy over a direct transfer.
+
     **Messages.**  After a successful handshake, a message that may reach
     ``dask-shm.threshold`` bytes is serialized here, without sharding.  If
-    its frames do reach the threshold, they are packed one after the other
+    its frames do reach the threshold, and the peer cannot read them in
+    place, they are packed one after the other
     and copied into regions of this process's buffer, ``fragment-size`` at a
     time; each TCP message is a ``Pickled`` envelope holding a descriptor
     (:mod:`dask_shm.descriptor`) of the fragments placed so far.  The first
@@ -378,6 +412,7 @@ class SHM(TCP):
             "buffer": None if host.buffer is None else host.buffer.name,
             "size": conf.buffer_size,
             "release": hs.pipe,
+            "memory": ctypes.addressof(hs.memory) if conf.single_copy else None,
         }
         return info
 
@@ -402,7 +437,12 @@ class SHM(TCP):
             except (KeyError, TypeError, ValueError, OSError) as e:
                 logger.debug("%s: peer's shared memory unusable: %s", self, e)
                 peer, their_token = None, None
-            await super().write({"dask-shm-echo": their_token})
+            in_place = (
+                inbox is not None
+                and hs.conf.single_copy
+                and _reads_token(peer, theirs.get("memory"), their_token)
+            )
+            await super().write({"dask-shm-echo": their_token, "read-memory": in_place})
             echo = await super().read()
         except BaseException:
             hs.abandon()
@@ -428,7 +468,12 @@ class SHM(TCP):
             hs.abandon()
             return
         pipe = hs.take_pipe()
-        buffer = await offload(host.fill) if host.buffer is not None else None
+        buffer = host.buffer
+        single_copy = buffer is not None and pipe >= 0 and echo.get("read-memory") is True
+        if buffer is not None and not single_copy:
+            # Messages to this peer go through the buffer: fill it now (once
+            # per process; a link that reads in place never needs it).
+            buffer = await offload(host.fill)
         outbox = None
         if pipe >= 0:
             if buffer is not None:
@@ -436,6 +481,7 @@ class SHM(TCP):
             else:
                 os.close(pipe)
         self._link = link = Link(host, peer, outbox, inbox, bool(theirs.get("relay")), hs.conf)
+        link.single_copy = single_copy and outbox is not None
         stats.count("handshake-shm")
         weakref.finalize(self, _close_later, link)
 
@@ -523,7 +569,10 @@ class SHM(TCP):
                 stats.count("tcp-messages")
                 stats.count("tcp-bytes", total)
                 return await super().write(_Envelope(None, *views).pickled(), on_error="raise")
-            await self._stream(link, views, total)
+            if link.single_copy:
+                await self._send_in_place(link, views)
+            else:
+                await self._stream(link, views, total)
             stats.count("shm-messages")
             return total
         except CommClosedError:
@@ -531,6 +580,27 @@ class SHM(TCP):
             raise
         finally:
             link.idle.set()
+
+    async def _send_in_place(self, link: Link, views: list[memoryview]) -> None:
+        """Single copy: describe the frames where they are, and return once
+        the receiver has copied them out of this process's memory (until
+        then they must not change, as with TCP until its write returns)."""
+        outbox = link.outbox
+        buffer = link.host.buffer
+        assert outbox is not None and buffer is not None
+        fragments = [
+            (np.frombuffer(v, dtype=np.uint8).ctypes.data, v.nbytes) for v in views if v.nbytes
+        ]
+        done = buffer.pin(outbox, len(fragments))
+        descriptor = encode([v.nbytes for v in views], fragments, remote=True)
+        await super().write(_Envelope(descriptor).pickled(), on_error="raise")
+        stats.count("shm-bytes", sum(n for _, n in fragments))
+        stats.count("single-copy-messages")
+        while True:
+            seen = outbox.freed
+            if outbox.released >= done or outbox.closed:
+                return
+            await buffer.wait(outbox, seen)
 
     async def _stream(self, link: Link, views: list[memoryview], total: int) -> None:
         """Send ``views`` through the buffer (see the class Notes)."""
@@ -627,7 +697,7 @@ class SHM(TCP):
         inbox = link.inbox
         if inbox is None:
             raise DescriptorError("a descriptor arrived, but the peer announced no buffer")
-        lengths, fragments = decode(
+        lengths, fragments, remote = decode(
             envelope.descriptor,
             first=True,
             buffer_size=inbox.peer.size,
@@ -636,6 +706,9 @@ class SHM(TCP):
         )
         assert lengths is not None
         frames = [host_array(n) for n in lengths]
+        if remote:
+            await self._read_in_place(link, inbox, fragments, frames)
+            return frames
         sink = _Cursor([np.frombuffer(f, dtype=np.uint8) for f in frames])
         while True:
             inline = iter(envelope.frames)
@@ -655,13 +728,38 @@ class SHM(TCP):
             envelope = await super().read()
             if type(envelope) is not _Envelope or envelope.descriptor is None:
                 raise DescriptorError("expected the rest of a message, got another message")
-            _, fragments = decode(
+            _, fragments, remote = decode(
                 envelope.descriptor,
                 first=False,
                 buffer_size=inbox.peer.size,
                 remaining=sink.remaining,
                 inline=[nbytes(f) for f in envelope.frames],
             )
+            if remote:
+                raise DescriptorError("an in-place descriptor continues a streamed message")
+
+    async def _read_in_place(
+        self, link: Link, inbox: Inbox, fragments: list[tuple[int, int]], frames: list[Any]
+    ) -> None:
+        """Copy frames the peer described in its own memory straight into
+        ``frames`` (one copy), then release them all."""
+        into = [np.frombuffer(f, dtype=np.uint8) for f in frames if f.nbytes]
+        if [d.nbytes for d in into] != [n for _, n in fragments]:
+            raise DescriptorError("in-place fragments do not match the frames one to one")
+        pairs = [(address, d) for (address, _), d in zip(fragments, into)]
+        if self.closed():
+            raise CommClosedError(f"in {self}: closed while receiving")
+        try:
+            if _offloads(self.allow_offload, sum(d.nbytes for d in into)):
+                await offload(inbox.read_in_place, link.peer.pid, pairs)
+            else:
+                inbox.read_in_place(link.peer.pid, pairs)
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise CommClosedError(f"in {self}: the sender exited while we read") from e
+            raise DescriptorError(
+                f"cannot read {len(pairs)} frame(s) in the memory of pid {link.peer.pid}: {e}"
+            ) from e
 
     # -- ending ----------------------------------------------------------------
 

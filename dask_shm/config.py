@@ -88,6 +88,9 @@ class Settings:
     buffer_size: int
     #: The largest piece of a message placed in the buffer at once.
     fragment_size: int
+    #: Let a peer that may read this process's memory copy frames out of it
+    #: directly (one copy) instead of through the buffer (two).
+    single_copy: bool
     #: Serialization families for ``shm://`` writes that name none, or None
     #: to leave distributed's defaults alone.
     serializers: tuple[str, ...] | None
@@ -194,6 +197,7 @@ def settings() -> Settings:
 
     return Settings(
         enabled=_bool("enabled", cfg["enabled"]),
+        single_copy=_bool("single-copy", cfg["single-copy"]),
         directory=directory,
         threshold=_nbytes("threshold", cfg["threshold"]),
         buffer_size=buffer_size,

@@ -18,7 +18,9 @@ Layout (version 2, little-endian)::
     nfrags times:                                          offset:u64  length:u64
 
 An ``offset`` of ``INLINE`` means the fragment's bytes are the next inline
-frame, in order.
+frame, in order.  With ``flags & REMOTE`` (single copy, see
+:mod:`dask_shm.comm`), every ``offset`` is instead an address in the
+sender's own memory, which the receiver reads with ``process_vm_readv``.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from collections.abc import Sequence
 
 from dask_shm.errors import DescriptorError
 
-__all__ = ["encode", "decode", "INLINE", "MAGIC", "VERSION", "MAX_FRAMES"]
+__all__ = ["encode", "decode", "INLINE", "MAGIC", "VERSION", "MAX_FRAMES", "REMOTE"]
 
 MAGIC = b"DSHM"
 VERSION = 2
 FIRST = 1
+REMOTE = 2
 INLINE = 2**64 - 1
 _HEAD = struct.Struct("<4sBBII")
 #: Limits that keep a hostile descriptor from costing memory or time.
@@ -41,11 +44,14 @@ MAX_FRAGMENTS = 1 << 20
 MAX_TOTAL = 1 << 48
 
 
-def encode(lengths: Sequence[int] | None, fragments: Sequence[tuple[int, int]]) -> bytes:
+def encode(
+    lengths: Sequence[int] | None, fragments: Sequence[tuple[int, int]], *, remote: bool = False
+) -> bytes:
     """A descriptor: the message's frame ``lengths`` (first descriptor of a
-    message only) and its next ``fragments``, as (offset or INLINE, length)."""
+    message only) and its next ``fragments``, as (offset or INLINE, length);
+    with ``remote``, (address in the sender's memory, length)."""
     nframes = 0 if lengths is None else len(lengths)
-    flags = 0 if lengths is None else FIRST
+    flags = (0 if lengths is None else FIRST) | (REMOTE if remote else 0)
     head = _HEAD.pack(MAGIC, VERSION, flags, nframes, len(fragments))
     body = struct.pack(f"<{nframes}Q{2 * len(fragments)}Q", *(lengths or ()), *(
         x for frag in fragments for x in frag))
@@ -59,7 +65,7 @@ def decode(
     buffer_size: int,
     remaining: int | None,
     inline: Sequence[int],
-) -> tuple[list[int] | None, list[tuple[int, int]]]:
+) -> tuple[list[int] | None, list[tuple[int, int]], bool]:
     """Parse and validate a descriptor from a peer.
 
     Parameters
@@ -76,7 +82,8 @@ def decode(
 
     Returns
     -------
-    (lengths, fragments): ``lengths`` is None unless ``first``.
+    (lengths, fragments, remote): ``lengths`` is None unless ``first``;
+    ``remote``: the offsets are addresses in the sender's memory.
 
     Raises
     ------
@@ -93,7 +100,8 @@ def decode(
         raise DescriptorError(f"descriptor has bad magic {magic!r}")
     if version != VERSION:
         raise DescriptorError(f"descriptor version {version} is not {VERSION}")
-    if bool(flags & FIRST) != first or flags & ~FIRST:
+    remote = bool(flags & REMOTE)
+    if bool(flags & FIRST) != first or flags & ~(FIRST | REMOTE):
         what = "the start of a message" if first else "the rest of a message"
         raise DescriptorError(f"descriptor flags {flags:#x}: expected {what}")
     if not 0 < nfrags <= MAX_FRAGMENTS or nframes > MAX_FRAMES or (first and nframes == 0):
@@ -118,7 +126,10 @@ def decode(
                 f"fragment {i}: length {length} with {remaining} bytes of the message left"
             )
         remaining -= length
-        if offset == INLINE:
+        if remote:
+            if offset == INLINE or offset + length > 2**64:
+                raise DescriptorError(f"fragment {i}: address {offset} is invalid")
+        elif offset == INLINE:
             if not inline_left or inline_left.pop(0) != length:
                 raise DescriptorError(f"fragment {i}: no inline frame of {length} bytes")
         elif offset + length > buffer_size:
@@ -128,4 +139,4 @@ def decode(
             )
     if inline_left:
         raise DescriptorError(f"{len(inline_left)} inline frame(s) not described")
-    return lengths, fragments
+    return lengths, fragments, remote

@@ -5,8 +5,11 @@ Read them in any process with :func:`snapshot` (for a cluster:
 them on Dask's Prometheus endpoints.  Names:
 
 ``shm-messages`` / ``shm-bytes``
-    Messages that went through shared memory, and the bytes copied into this
-    process's buffer for them.
+    Messages that bypassed TCP, and their bytes: copied into this process's
+    buffer, or read in place by the receiver.
+``single-copy-messages``
+    Those of them the receiver read in place, straight out of this
+    process's memory (``dask-shm.single-copy``).
 ``tcp-messages`` / ``tcp-bytes``
     Messages serialized for shared memory that turned out smaller than
     ``dask-shm.threshold`` (or found this process without a buffer), and
