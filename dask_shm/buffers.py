@@ -230,15 +230,15 @@ class Buffer:
                 box.sent += 1
             return offset
 
-    def pin(self, box: Outbox, n: int) -> int:
-        """Record ``n`` frames a receiver will read in place from this
-        process's memory (single copy); returns the ``box.released`` count
-        at which all are released and the frames may change again."""
+    def pin(self, box: Outbox, frames: Sequence[memoryview]) -> None:
+        """Keep ``frames`` alive until the receiver has read them in place
+        from this process's memory (single copy) and released them."""
+        frames = [f for f in frames if f.nbytes]
         with self._lock:
             box.poll(self)
-            box.inflight.extend([PINNED] * n)
-            box.sent += n
-            return box.sent
+            box.inflight.extend([PINNED] * len(frames))
+            box.pinned.extend(frames)
+            box.sent += len(frames)
 
     async def wait(self, box: Outbox, seen: int) -> None:
         """Wait until regions of ``box`` are freed after ``seen`` (its
@@ -310,6 +310,8 @@ class Outbox:
         self.closed = False
         #: Its comm has ended (see :meth:`Buffer.retire`).
         self.retired = False
+        #: Frames read in place, in the order of their PINNED entries.
+        self.pinned: deque[memoryview] = deque()
         #: Bumped whenever regions of this link are freed, by whichever
         #: link's :meth:`Buffer.place` polled them (see :meth:`Buffer.wait`).
         self.freed = 0
@@ -331,11 +333,15 @@ class Outbox:
                 buffer._free(offset)
             self.released += len(self.inflight)
             self.inflight.clear()
+            self.pinned.clear()
             self.close()
         else:
             n = min(len(data), len(self.inflight))
             for _ in range(n):
-                buffer._free(self.inflight.popleft())
+                offset = self.inflight.popleft()
+                if offset == PINNED:
+                    self.pinned.popleft()
+                buffer._free(offset)
             self.released += n
         self.freed += 1
         if self._waiter is not None:
@@ -344,7 +350,14 @@ class Outbox:
             loop.call_soon_threadsafe(_wake, future)
 
     def close(self) -> None:
+        """Close the pipe (once no loop watches it) and wake a waiter: with
+        the pipe gone nothing more will be released."""
         self.closed = True
+        self.pinned.clear()
+        if self._waiter is not None:
+            loop, future = self._waiter
+            self._waiter = None
+            loop.call_soon_threadsafe(_wake, future)
         if self.fd >= 0 and not self._watched:
             os.close(self.fd)
             self.fd = -1

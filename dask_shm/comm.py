@@ -136,6 +136,7 @@ class _Handshake:
         self.pipe_fd = -1
         self.finalizer: weakref.finalize[Any, Any] | None = None
         self._done = False
+        self._abandoned = False
         if host.buffer is not None:
             try:
                 self.pipe, self.pipe_fd = host.new_pipe()
@@ -155,16 +156,21 @@ class _Handshake:
         return fd
 
     def end(self) -> None:
-        """The handshake is over (its outcome now owns the host's use)."""
+        """The handshake is over (its outcome now owns the host's use).
+        Idempotent."""
+        if self._done:
+            return
         self._done = True
         if self.finalizer is not None:
             self.finalizer.detach()
         self.unlink()
 
     def abandon(self, *, from_finalizer: bool = False) -> None:
-        """The handshake failed or fell back to TCP: remove everything."""
-        if self._done and from_finalizer:
+        """The handshake failed or fell back to TCP: remove everything.
+        Idempotent."""
+        if self._abandoned or (self._done and from_finalizer):
             return
+        self._abandoned = True
         self.end()
         fd = self.take_pipe()
         if fd >= 0:
@@ -240,9 +246,12 @@ class _Envelope:
         return (_Envelope, (self.descriptor, *map(pickle.PickleBuffer, self.frames)))
 
     def pickled(self) -> Pickled:
-        out: list[memoryview] = []
-        pik = pickle.dumps(self, protocol=5, buffer_callback=lambda b: out.append(b.raw()))
-        return Pickled({"pickled-obj": pik}, out)
+        # A false callback result keeps each buffer out of band; the frames
+        # themselves are sent, so no PickleBuffer outlives this call (one
+        # held by an exception's traceback made CPython 3.11's collector
+        # crash on a memoryview that still had exports).
+        pik = pickle.dumps(self, protocol=5, buffer_callback=lambda b: False)
+        return Pickled({"pickled-obj": pik}, [ensure_memoryview(f) for f in self.frames])
 
 
 class _Cursor:
@@ -473,7 +482,16 @@ class SHM(TCP):
         if buffer is not None and not single_copy:
             # Messages to this peer go through the buffer: fill it now (once
             # per process; a link that reads in place never needs it).
-            buffer = await offload(host.fill)
+            try:
+                buffer = await offload(host.fill)
+            except BaseException:  # cancelled: nothing of this link may stay
+                if pipe >= 0:
+                    os.close(pipe)
+                if inbox is not None:
+                    inbox.close()
+                    host.unpeer(inbox.peer)
+                host.release()
+                raise
         outbox = None
         if pipe >= 0:
             if buffer is not None:
@@ -526,8 +544,6 @@ class SHM(TCP):
             if self._plain is not None:
                 self._plain.n += 1
             return super().write(msg, serializers, on_error)
-        if not link.idle.is_set():
-            return self._write_when_idle(link, msg, serializers, on_error)
         if serializers is None:
             serializers = link.serializers
         if (serializers is not None and family.NAME in serializers) or _reaches(
@@ -535,11 +551,14 @@ class SHM(TCP):
         ):
             return self._write_link(link, msg, serializers, on_error)
         link.below_threshold.n += 1
-        return super().write(msg, serializers, on_error)
+        return self._write_small(link, msg, serializers, on_error)
 
-    async def _write_when_idle(self, link: Link, msg: Any, serializers: Any, on_error: str) -> int:
-        await link.idle.wait()
-        return await self.write(msg, serializers, on_error)
+    async def _write_small(self, link: Link, msg: Any, serializers: Any, on_error: str) -> int:
+        # Checked when the write runs, not when it was called: writes created
+        # together (asyncio.gather) run later, perhaps during a stream.
+        while not link.idle.is_set():
+            await link.idle.wait()
+        return await super().write(msg, serializers, on_error)
 
     async def _write_handshake(self, msg: Any, serializers: Any, on_error: str) -> int:
         try:
@@ -549,6 +568,8 @@ class SHM(TCP):
             raise
 
     async def _write_link(self, link: Link, msg: Any, serializers: Any, on_error: str) -> int:
+        while not link.idle.is_set():  # one message at a time on the stream
+            await link.idle.wait()
         link.idle.clear()
         try:
             frames = await to_frames(
@@ -582,25 +603,22 @@ class SHM(TCP):
             link.idle.set()
 
     async def _send_in_place(self, link: Link, views: list[memoryview]) -> None:
-        """Single copy: describe the frames where they are, and return once
-        the receiver has copied them out of this process's memory (until
-        then they must not change, as with TCP until its write returns)."""
+        """Single copy: describe the frames where they are.  Like
+        ``TCP.write``, which leaves its frames queued in the stream, this
+        returns at once; the frames are kept alive until the receiver has
+        copied them and must not change meanwhile (distributed never
+        changes what it sends)."""
         outbox = link.outbox
         buffer = link.host.buffer
         assert outbox is not None and buffer is not None
         fragments = [
             (np.frombuffer(v, dtype=np.uint8).ctypes.data, v.nbytes) for v in views if v.nbytes
         ]
-        done = buffer.pin(outbox, len(fragments))
+        buffer.pin(outbox, views)
         descriptor = encode([v.nbytes for v in views], fragments, remote=True)
         await super().write(_Envelope(descriptor).pickled(), on_error="raise")
         stats.count("shm-bytes", sum(n for _, n in fragments))
         stats.count("single-copy-messages")
-        while True:
-            seen = outbox.freed
-            if outbox.released >= done or outbox.closed:
-                return
-            await buffer.wait(outbox, seen)
 
     async def _stream(self, link: Link, views: list[memoryview], total: int) -> None:
         """Send ``views`` through the buffer (see the class Notes)."""

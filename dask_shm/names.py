@@ -82,8 +82,14 @@ class Owner:
         return (self.pid, self.start, self.ns)
 
 
+#: ``/proc/<pid>/stat`` flag of a process that is exiting: a process killed
+#: with -9 closes its sockets before it becomes a zombie.
+_PF_EXITING = 0x4
+
+
 def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time) of a process, or None if there is no such process."""
+    """(state, start time) of a process, or None if there is no such process;
+    the state of an exiting process reads "X"."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -93,7 +99,8 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
         return ("?", -1)  # exists but unreadable: treat as alive elsewhere
     # The command name (field 2) may contain spaces and parentheses.
     fields = data[data.rindex(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[19])
+    state = "X" if int(fields[6]) & _PF_EXITING else fields[0].decode()
+    return state, int(fields[19])
 
 
 _owner_cache: tuple[int, Owner] | None = None

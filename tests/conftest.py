@@ -153,6 +153,20 @@ def no_leaks() -> Iterator[None]:
     assert not threads, f"threads of ours left running: {threads}"
 
 
+@pytest.fixture(autouse=True)
+def through_the_buffer(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests go through the shared buffer (``single-copy: false``), the path
+    with the most machinery, unless marked ``single_copy``: where the kernel
+    permits it (here it does) the default reads large frames in place, and
+    tests/test_single_copy.py covers that path.  Processes started with
+    their own environment (the dask CLI) keep the default."""
+    if request.node.get_closest_marker("single_copy"):
+        yield
+        return
+    with dask.config.set({"dask-shm.single-copy": False}):
+        yield
+
+
 @pytest.fixture
 def shm_config() -> Iterator[None]:
     """Shared memory for every message of 64 KiB or more: mid-sized messages
@@ -240,6 +254,8 @@ def peer_env(**conf: str) -> dict[str, str]:
     """The environment of a peer process: ours, with ``dask-shm`` keys
     (``buffer_size="1 MiB"``) and any ``DASK_...`` variable (given whole)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    # The path under test follows this test's (see through_the_buffer).
+    env["DASK_DASK_SHM__SINGLE_COPY"] = str(dask.config.get("dask-shm.single-copy")).lower()
     for key, value in conf.items():
         env[key if key.startswith("DASK_") else f"DASK_DASK_SHM__{key.upper()}"] = value
     return env

@@ -266,7 +266,7 @@ def mid_stream(args: list[str]) -> None:
 
     who = args[0]
     conf = {"dask-shm.threshold": "64 KiB", "dask-shm.buffer-size": "1 MiB",
-            "dask-shm.fragment-size": "256 KiB"}
+            "dask-shm.fragment-size": "256 KiB", "dask-shm.single-copy": False}
 
     async def scenario() -> tuple[object, object]:
         outcome: asyncio.Queue[BaseException | None] = asyncio.Queue()

@@ -268,9 +268,10 @@ def test_behaviour(scheme: str, conf: dict[str, str], check: Callable[[str], Awa
 WAITS_FOR_THE_READER = pytest.mark.xfail(
     strict=True,
     raises=asyncio.TimeoutError,
-    reason="SHM.write waits for the receiver to release regions once a message "
-    "has IN_FLIGHT regions in flight; TCP.write only queues the frames. Two ends "
-    "that each write a large message before reading deadlock.",
+    reason="through the buffer, SHM.write waits for the receiver to release regions "
+    "once a message has IN_FLIGHT regions in flight; TCP.write only queues the frames. "
+    "Two ends that each write a large message before reading deadlock (single copy "
+    "does not wait).",
 )
 
 
@@ -278,6 +279,7 @@ WAITS_FOR_THE_READER = pytest.mark.xfail(
     "scheme, conf",
     [
         pytest.param("tcp", {}, id="tcp"),
+        pytest.param("shm", {"dask-shm.single-copy": True}, id="shm-single-copy"),
         pytest.param("shm", {}, id="shm", marks=WAITS_FOR_THE_READER),
         pytest.param("shm", {"dask-shm.buffer-size": "1 MiB", "dask-shm.fragment-size": "256 KiB"},
                      id="shm-small-buffer", marks=WAITS_FOR_THE_READER),
@@ -288,24 +290,14 @@ def test_writes_complete_before_the_peer_reads(scheme: str, conf: dict[str, str]
         run(check_writes_complete_before_the_peer_reads(scheme))
 
 
-INTERLEAVES = pytest.mark.xfail(
-    strict=True,
-    raises=CommClosedError,
-    reason="SHM.write decides at call time (link.idle), but the coroutine it "
-    "returns starts later: writes called together all see the link idle, and "
-    "their descriptors (or a small message) interleave; the receiver aborts "
-    "with 'expected the rest of a message, got another message'.",
-)
-
-
 @pytest.mark.parametrize(
     "scheme, conf",
     [
         pytest.param("tcp", {}, id="tcp"),
-        pytest.param("shm", {"dask-shm.threshold": "64 KiB"}, id="shm", marks=INTERLEAVES),
+        pytest.param("shm", {"dask-shm.threshold": "64 KiB"}, id="shm"),
         pytest.param("shm", {"dask-shm.threshold": "64 KiB", "dask-shm.buffer-size": "1 MiB",
                              "dask-shm.fragment-size": "256 KiB"},
-                     id="shm-small-buffer", marks=INTERLEAVES),
+                     id="shm-small-buffer"),
     ],
 )
 def test_concurrent_writers(scheme: str, conf: dict[str, str]) -> None:
@@ -437,19 +429,8 @@ def test_a_message_of_many_small_frames_goes_through_shared_memory() -> None:
     "who",
     [
         "sender",
-        pytest.param("receiver", marks=pytest.mark.xfail(
-            strict=True,
-            reason="the interpreter segfaults in the garbage collector ('Exception ignored in "
-            "tp_clear of memoryview: memoryview has 1 exported buffer'): the sender's failed "
-            "inline write leaves _stream's memoryview pieces, exported to the PickleBuffers "
-            "of _Envelope.pickled(), in the exception's traceback cycle",
-        )),
-        pytest.param("both", marks=pytest.mark.xfail(
-            strict=True,
-            reason="a write waiting for room never ends when the process's last comm closes: "
-            "Buffer.destroy() marks the watched outbox closed, and Outbox.poll() then "
-            "returns early without waking the waiter",
-        )),
+        "receiver",
+        "both",
     ],
 )
 def test_a_comm_closed_mid_stream(who: str) -> None:
@@ -471,15 +452,6 @@ def test_a_comm_closed_mid_stream(who: str) -> None:
     assert got["files"] == got["fds"] == got["maps"] == [], got
 
 
-PLAIN_PEER_EBADF = pytest.mark.xfail(
-    strict=True,
-    reason="_negotiate with a plain peer calls hs.abandon() (which releases the host: "
-    "the directory's fd is closed) and then hs.end() in its finally: unlinking the probe "
-    "again with dir_fd=-1 raises OSError EBADF and the handshake fails",
-)
-
-
-@PLAIN_PEER_EBADF
 def test_tcp_client_to_shm_listener_is_plain_tcp() -> None:
     async def main() -> None:
         async with listen("shm://127.0.0.1:0", echo_server) as listener:
@@ -498,7 +470,6 @@ def test_tcp_client_to_shm_listener_is_plain_tcp() -> None:
     assert stats.snapshot()["fallback-plain-peer"] >= 1  # the listener's echoes
 
 
-@PLAIN_PEER_EBADF
 def test_shm_client_to_tcp_listener_is_plain_tcp() -> None:
     async def main() -> None:
         async with listen("tcp://127.0.0.1:0", echo_server) as listener:
@@ -967,13 +938,6 @@ def test_a_listener_that_disallows_offload_still_moves_large_messages() -> None:
     assert stats.snapshot()["shm-messages"] == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Link.close -> Buffer.retire polls the release pipe once: unless the end of "
-    "file is already there (and no release byte before it), the outbox and its fd stay "
-    "until some place() finds the buffer full; each closed comm leaves its release "
-    "pipes open while another comm keeps the buffer",
-)
 def test_closed_comms_leave_no_descriptors_while_others_stay_open(shm_config: None) -> None:
     """A long-lived process (a worker) keeps some comm open while others come
     and go: what each closed comm held (its release pipes) goes with it."""
