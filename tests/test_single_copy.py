@@ -1,0 +1,184 @@
+"""Single copy: where the kernel lets a receiver read its peer's memory
+(``process_vm_readv``), large frames are copied once, straight out of the
+sender's objects, and the shared buffer is never filled.  The rest of the
+suite pins ``single-copy: false``; these tests keep the default."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from collections.abc import Awaitable
+from typing import Any
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+from distributed.comm import connect, listen
+from distributed.comm.core import Comm, CommClosedError
+from distributed.protocol import to_serialize
+
+from dask_shm import buffers, stats
+from dask_shm.comm import SHM, _Envelope
+from dask_shm.descriptor import encode
+
+from .conftest import ROOT, first_read_error, peer_env
+
+pytestmark = pytest.mark.single_copy
+
+SIZES = [2 * 10**6, 7 * 10**6 + 3, 64 * 10**6, 130 * 10**6]
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 60))  # type: ignore[arg-type]
+
+
+async def echo_server() -> Any:
+    async def handler(comm: Comm) -> None:
+        try:
+            while True:
+                await comm.write(await comm.read())
+        except CommClosedError:
+            pass
+        finally:
+            await comm.close()
+
+    return listen("shm://127.0.0.1:0", handler)
+
+
+def test_large_messages_are_read_in_place_and_the_buffer_stays_empty() -> None:
+    async def main() -> None:
+        async with await echo_server() as listener:
+            comm = await connect(listener.contact_address)
+            try:
+                assert comm.link is not None and comm.link.single_copy  # type: ignore[attr-defined]
+                for n in SIZES:
+                    x = np.random.default_rng(n).integers(0, 255, n, dtype=np.uint8)
+                    parts = {"a": to_serialize(x), "b": to_serialize(x[: n // 3]), "c": b"tiny"}
+                    await comm.write(parts)
+                    got = await comm.read()
+                    assert np.array_equal(got["a"], x) and np.array_equal(got["b"], x[: n // 3])
+                    assert got["c"] == b"tiny" and got["a"].flags.writeable
+                # Nothing went through the buffer: it was never reserved.
+                assert buffers.info()["buffer-bytes"] == 0
+            finally:
+                await comm.close()
+
+    run(main())
+    counts = stats.snapshot()
+    assert counts["single-copy-messages"] == 2 * len(SIZES), counts  # both directions
+    assert counts["shm-messages"] == 2 * len(SIZES)
+
+
+SERVER = textwrap.dedent(
+    """
+    import asyncio, ctypes, sys
+    if sys.argv[1] == "undumpable":
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+    import dask_shm
+    from distributed.comm import listen
+
+    async def main():
+        done = asyncio.Event()
+
+        async def handler(comm):
+            try:
+                while True:
+                    msg = await comm.read()
+                    await comm.write({"x": msg["x"], "in-place": comm.link.single_copy})
+            except Exception:
+                done.set()
+
+        async with listen("shm://127.0.0.1:0", handler) as listener:
+            print(listener.contact_address, flush=True)
+            await done.wait()
+
+    asyncio.run(main())
+    """
+)
+
+
+def exchange_with(how: str, **conf: str) -> tuple[bool, bool]:
+    """Send 20 MB to a server process started ``how`` and back; return
+    (we write in place, it writes in place)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER, how], cwd=ROOT, env=peer_env(**conf),
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        address = proc.stdout.readline().strip()
+
+        async def main() -> tuple[bool, bool]:
+            comm = await connect(address)
+            try:
+                x = np.arange(20 * 10**6, dtype=np.uint8)
+                await comm.write({"x": to_serialize(x)})
+                got = await comm.read()
+                assert np.array_equal(got["x"], x)
+                return comm.link.single_copy, got["in-place"]  # type: ignore[attr-defined]
+            finally:
+                await comm.close()
+
+        out = run(main())
+        assert proc.wait(30) == 0
+        return out
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_a_process_with_single_copy_off_neither_reads_nor_is_read_in_place() -> None:
+    assert exchange_with("plain", single_copy="false") == (False, False)
+
+
+@pytest.mark.skipif(
+    __import__("os").geteuid() == 0,
+    reason="root (CAP_SYS_PTRACE) may read any process's memory, a non-dumpable one too",
+)
+def test_a_peer_the_kernel_will_not_let_us_read_gets_the_buffer() -> None:
+    """A non-dumpable process may not be read by another of the same user:
+    its messages go through its buffer, while it still reads ours in place."""
+    assert exchange_with("undumpable") == (True, False)
+
+
+def test_an_address_the_sender_does_not_have_closes_the_comm() -> None:
+    async def send(comm: Comm) -> None:
+        descriptor = encode([1000], [(8, 1000)], remote=True)  # page 0: never mapped
+        await super(SHM, comm).write(_Envelope(descriptor).pickled())  # type: ignore[arg-type]
+
+    err = run(first_read_error(send))
+    assert isinstance(err, CommClosedError), repr(err)
+    assert "cannot read 1 frame(s) in the memory of pid" in str(err)
+
+
+def test_fragments_that_do_not_match_the_frames_close_the_comm() -> None:
+    async def send(comm: Comm) -> None:
+        x = np.ones(1000, dtype=np.uint8)
+        descriptor = encode([1000], [(x.ctypes.data, 999)], remote=True)
+        await super(SHM, comm).write(_Envelope(descriptor).pickled())  # type: ignore[arg-type]
+
+    err = run(first_read_error(send))
+    assert "do not match the frames" in str(err) or "fragment" in str(err), str(err)
+
+
+def test_a_cluster_with_the_defaults() -> None:
+    """dask.array work, scatter and gather through the scheduler (a relay:
+    it reads in place from one process and is read in place by the next)."""
+    import dask.array as da
+
+    with LocalCluster(
+        protocol="shm", n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        x = da.random.default_rng(0).random((4000, 4000), chunks=(1000, 4000))
+        y = x.rechunk((4000, 1000))
+        assert np.isclose(y.sum().compute(), x.sum().compute())
+        a = np.arange(8 * 10**6)
+        [f] = client.scatter([a])
+        assert np.array_equal(client.gather(f), a)
+        moved = client.run(lambda: __import__("dask_shm").stats.snapshot().get("single-copy-messages", 0))
+        assert sum(moved.values()) > 0, moved
+        del f
