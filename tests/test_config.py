@@ -34,6 +34,7 @@ DEFAULTS = Settings(
     threshold=1 * MiB,
     buffer_size=64 * MiB,
     fragment_size=8 * MiB,
+    single_copy=True,
     serializers=None,
 )
 
@@ -77,6 +78,7 @@ def test_packaged_defaults(own_config: None) -> None:
         ("threshold", "4MiB", 4 * MiB),
         ("buffer-size", "16 MiB", 16 * MiB),
         ("fragment-size", "1 MiB", 1 * MiB),
+        ("single-copy", "false", False),
         ("serializers", '["shm", "pickle"]', ("shm", "pickle")),
     ],
 )
