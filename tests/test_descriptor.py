@@ -56,7 +56,7 @@ def test_round_trip_of_a_streamed_message(msg: tuple[list[int], list[Fragments]]
     for i, fragments in enumerate(groups):
         first = i == 0
         data = encode(lengths if first else None, fragments)
-        got_lengths, got = decode(
+        got_lengths, got, _remote = decode(
             data, first=first, buffer_size=BUFFER, remaining=remaining,
             inline=inline_lengths(fragments),
         )
@@ -95,7 +95,7 @@ def test_mutated_descriptors_only_ever_give_descriptor_errors(
             raw += data.draw(st.binary(min_size=1, max_size=20))
     inline = inline_lengths(fragments)
     try:
-        got_lengths, got = decode(bytes(raw), first=True, buffer_size=BUFFER, remaining=None, inline=inline)
+        got_lengths, got, _remote = decode(bytes(raw), first=True, buffer_size=BUFFER, remaining=None, inline=inline)
     except DescriptorError:
         return
     # Whatever survives describes a message the receiver can safely read.
@@ -165,4 +165,16 @@ def test_hostile_descriptors_are_refused_naming_the_problem(
 def test_a_region_may_end_exactly_at_the_end_of_the_buffer() -> None:
     fragments = [(BUFFER - 100, 100)]
     assert decode(encode([100], fragments), first=True, buffer_size=BUFFER,
-                  remaining=None, inline=[]) == ([100], fragments)
+                  remaining=None, inline=[]) == ([100], fragments, False)
+
+
+def test_an_in_place_descriptor_lists_addresses_not_buffer_regions() -> None:
+    """With the REMOTE flag the offsets are addresses in the sender's memory:
+    no buffer bound applies, but inline frames are refused."""
+    fragments = [(2**47, 100), (2**47 + 4096, 50)]
+    data = encode([100, 50], fragments, remote=True)
+    assert decode(data, first=True, buffer_size=BUFFER, remaining=None, inline=[]) == (
+        [100, 50], fragments, True)
+    with pytest.raises(DescriptorError):
+        decode(encode([100], [(INLINE, 100)], remote=True), first=True, buffer_size=BUFFER,
+               remaining=None, inline=[100])
