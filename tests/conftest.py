@@ -153,17 +153,24 @@ def no_leaks() -> Iterator[None]:
     assert not threads, f"threads of ours left running: {threads}"
 
 
+#: The threshold tests run with (the default, 8 MiB, would send most test
+#: payloads over TCP).
+TEST_THRESHOLD = "1 MiB"
+
+
 @pytest.fixture(autouse=True)
 def through_the_buffer(request: pytest.FixtureRequest) -> Iterator[None]:
     """Tests go through the shared buffer (``single-copy: false``), the path
     with the most machinery, unless marked ``single_copy``: where the kernel
     permits it (here it does) the default reads large frames in place, and
-    tests/test_single_copy.py covers that path.  Processes started with
-    their own environment (the dask CLI) keep the default."""
-    if request.node.get_closest_marker("single_copy"):
-        yield
-        return
-    with dask.config.set({"dask-shm.single-copy": False}):
+    tests/test_single_copy.py covers that path.  The threshold is lowered to
+    ``TEST_THRESHOLD`` so that small test payloads take shared memory.
+    Processes started with their own environment (the dask CLI) keep the
+    defaults."""
+    conf: dict[str, object] = {"dask-shm.threshold": TEST_THRESHOLD}
+    if not request.node.get_closest_marker("single_copy"):
+        conf["dask-shm.single-copy"] = False
+    with dask.config.set(conf):
         yield
 
 
@@ -256,6 +263,7 @@ def peer_env(**conf: str) -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     # The path under test follows this test's (see through_the_buffer).
     env["DASK_DASK_SHM__SINGLE_COPY"] = str(dask.config.get("dask-shm.single-copy")).lower()
+    env["DASK_DASK_SHM__THRESHOLD"] = str(dask.config.get("dask-shm.threshold"))
     for key, value in conf.items():
         env[key if key.startswith("DASK_") else f"DASK_DASK_SHM__{key.upper()}"] = value
     return env

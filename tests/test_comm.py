@@ -414,7 +414,7 @@ def test_a_frame_larger_than_the_buffer_streams_through_it(
 
 
 def test_a_message_of_many_small_frames_goes_through_shared_memory() -> None:
-    """Default threshold (1 MiB): 200 frames of 64 kB, each far below it, are
+    """The suite's threshold (1 MiB): 200 frames of 64 kB, each far below it, are
     one packed message through shared memory."""
     assert dask.config.get("dask-shm.threshold") == "1 MiB"
     msg = {f"k{i}": to_serialize(np.ones(8192)) for i in range(200)}
