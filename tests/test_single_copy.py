@@ -182,3 +182,35 @@ def test_a_cluster_with_the_defaults() -> None:
         moved = client.run(lambda: __import__("dask_shm").stats.snapshot().get("single-copy-messages", 0))
         assert sum(moved.values()) > 0, moved
         del f
+
+
+def test_the_sender_lets_go_of_frames_once_they_are_read() -> None:
+    """Frames read in place are pinned only until their release arrives, not
+    until the sender's next message: their memory is the application's."""
+    from .conftest import until
+
+    async def main() -> None:
+        received = asyncio.Event()
+
+        async def handler(comm: Comm) -> None:
+            try:
+                while True:
+                    await comm.read()
+                    received.set()
+            except CommClosedError:
+                pass
+            finally:
+                await comm.close()
+
+        async with listen("shm://127.0.0.1:0", handler) as listener:
+            comm = await connect(listener.contact_address)
+            try:
+                x = np.ones(20 * 10**6, dtype=np.uint8)
+                await comm.write({"x": to_serialize(x)})
+                await received.wait()
+                outbox = comm.link.outbox  # type: ignore[attr-defined]
+                await until(lambda: not outbox.pinned)
+            finally:
+                await comm.close()
+
+    run(main())
