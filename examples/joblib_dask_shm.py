@@ -16,14 +16,10 @@ go *through the scheduler* (client -> scheduler -> worker and back), unless
 the client is created with ``direct_to_workers=True`` (``--direct``), which
 makes them go straight to and from the workers.  With ``LocalCluster`` the
 scheduler runs in this process, so the counters printed for "this process"
-include its relaying (``segments-forwarded``: segments handed on without a
-copy).
+include its relaying.
 
-With the default configuration (``dask-shm.threshold: 4 MiB``,
-``dask-shm.cold-transfer: tcp``) the first transfer of each size goes over
-TCP while the sender's pool of pre-faulted segments warms up in the
-background; later calls of the same size use shared memory, which is why the
-script makes a few calls (``--calls``) and prints the time of each.
+Arrays below ``dask-shm.threshold`` (8 MiB) travel over TCP as usual;
+larger ones bypass it from the first call.
 
 Run it (``--protocol tcp`` for comparison)::
 
@@ -48,12 +44,11 @@ PER_MB = 10**6 // 8
 
 #: The counters worth printing, out of everything snapshot() returns.
 COUNTERS = (
-    "shm-messages",  # messages with at least one frame in shared memory
-    "shm-bytes",  # bytes placed in shared memory
-    "tcp-messages",  # messages on shm:// comms that went entirely over TCP
-    "fallback-cold",  # large frames sent over TCP because no segment was warm
-    "segments-received",  # segments taken over from a peer (zero-copy receive)
-    "segments-forwarded",  # segments a relay (the scheduler) handed on
+    "shm-messages",  # messages that bypassed TCP
+    "shm-bytes",  # their bytes
+    "single-copy-messages",  # of them, read in place out of the sender's memory
+    "below-threshold",  # messages small enough for TCP
+    "fallback-busy",  # buffer pieces sent over TCP because the buffer was full
 )
 
 
@@ -111,8 +106,6 @@ def main() -> None:
                 for x, y in zip(xs, ys, strict=True):  # verify every result
                     assert y.shape == x.shape and np.array_equal(y, x * k + 1)
                 print(f"call {k - 1}: {elapsed:.2f} s, results verified")
-                # Results from shm:// are views of shared-memory segments;
-                # dropping them hands the segments back to this process's pool.
                 del ys
 
         # Which processes moved what, and how.  Over tcp:// these stay zero:
