@@ -227,7 +227,6 @@ class Buffer:
                 offset = self._find(n)
             if offset is not None:
                 box.inflight.append(offset)
-                box.sent += 1
             return offset
 
     def pin(self, box: Outbox, frames: Sequence[memoryview]) -> None:
@@ -238,7 +237,6 @@ class Buffer:
             box.poll(self)
             box.inflight.extend([PINNED] * len(frames))
             box.pinned.extend(frames)
-            box.sent += len(frames)
 
     async def wait(self, box: Outbox, seen: int) -> None:
         """Wait until regions of ``box`` are freed after ``seen`` (its
@@ -304,9 +302,6 @@ class Outbox:
         self.fd = fd
         #: Buffer offsets, or PINNED for a frame a receiver reads in place.
         self.inflight: deque[int] = deque()
-        #: Entries ever added to ``inflight``, and released since.
-        self.sent = 0
-        self.released = 0
         self.closed = False
         #: Its comm has ended (see :meth:`Buffer.retire`).
         self.retired = False
@@ -331,7 +326,6 @@ class Outbox:
         if not data:  # end of file: the receiver will read nothing more
             for offset in self.inflight:
                 buffer._free(offset)
-            self.released += len(self.inflight)
             self.inflight.clear()
             self.pinned.clear()
             self.close()
@@ -342,25 +336,25 @@ class Outbox:
                 if offset == PINNED:
                     self.pinned.popleft()
                 buffer._free(offset)
-            self.released += n
         self.freed += 1
-        if self._waiter is not None:
-            loop, future = self._waiter
-            self._waiter = None
-            loop.call_soon_threadsafe(_wake, future)
+        self._wake_waiter()
 
     def close(self) -> None:
         """Close the pipe (once no loop watches it) and wake a waiter: with
         the pipe gone nothing more will be released."""
         self.closed = True
         self.pinned.clear()
+        self._wake_waiter()
+        if self.fd >= 0 and not self._watched:
+            os.close(self.fd)
+            self.fd = -1
+
+
+    def _wake_waiter(self) -> None:
         if self._waiter is not None:
             loop, future = self._waiter
             self._waiter = None
             loop.call_soon_threadsafe(_wake, future)
-        if self.fd >= 0 and not self._watched:
-            os.close(self.fd)
-            self.fd = -1
 
 
 def _wake(future: asyncio.Future[None]) -> None:
@@ -442,39 +436,35 @@ class Inbox:
         add up to ``length``), then release it.  Bounds were validated with
         the descriptor.  Blocking; safe in any thread."""
         view = self.peer.map()
-        with self._lock:
-            self._copying += 1
-        try:
+
+        def copy() -> None:
+            start = offset
             for dst in into:
-                n = dst.nbytes
-                np.copyto(dst, view[offset : offset + n])
-                offset += n
-        finally:
-            with self._lock:
-                self._copying -= 1
-                if not self.closed:
-                    try:
-                        os.write(self._pipe, b"\0")
-                    except BrokenPipeError:
-                        pass  # the sender is gone: nobody to release to
-                elif not self._copying:
-                    self._close_pipe()
+                np.copyto(dst, view[start : start + dst.nbytes])
+                start += dst.nbytes
+
+        self._then_release(copy, 1)
 
     def read_in_place(self, pid: int, pairs: Sequence[tuple[int, np.ndarray]]) -> None:
         """Copy frames the sender described in its own memory (single copy,
         :func:`read_remote`), then release them, one byte each."""
+        self._then_release(lambda: read_remote(pid, pairs), len(pairs))
+
+    def _then_release(self, copy: Callable[[], None], n: int) -> None:
+        """Run ``copy``, then release ``n`` entries; if the link closed
+        meanwhile, close the pipe instead (once no other copy runs)."""
         with self._lock:
             self._copying += 1
         try:
-            read_remote(pid, pairs)
+            copy()
         finally:
             with self._lock:
                 self._copying -= 1
                 if not self.closed:
                     try:
-                        os.write(self._pipe, b"\0" * len(pairs))
+                        os.write(self._pipe, b"\0" * n)
                     except BrokenPipeError:
-                        pass
+                        pass  # the sender is gone: nobody to release to
                 elif not self._copying:
                     self._close_pipe()
 
@@ -643,6 +633,11 @@ class Host:
                 raise DescriptorError(f"buffer {name}: size {size!r} does not match {peer.size}")
             peer.users += 1
             return peer
+
+    def drop_inbox(self, inbox: Inbox) -> None:
+        """A link's inbox is done: close it and let go of its peer buffer."""
+        inbox.close()
+        self.unpeer(inbox.peer)
 
     def unpeer(self, peer: PeerBuffer) -> None:
         with self._lock:

@@ -112,8 +112,7 @@ class Link:
         if self.outbox is not None and buffer is not None:
             buffer.retire(self.outbox)
         if self.inbox is not None:
-            self.inbox.close()
-            self.host.unpeer(self.inbox.peer)
+            self.host.drop_inbox(self.inbox)
         if not self.peer.alive():  # killed with -9: its files are orphans now
             quiet_sweep(self.host.directory, owner=self.peer)
         self.host.release()
@@ -469,8 +468,7 @@ class SHM(TCP):
         except BaseException:
             hs.abandon()
             if inbox is not None:
-                inbox.close()
-                host.unpeer(inbox.peer)
+                host.drop_inbox(inbox)
             raise
         finally:
             hs.end()  # the peer has opened what it needed by now
@@ -485,8 +483,7 @@ class SHM(TCP):
             self._plain = stats.Tally("fallback-no-probe")
             logger.debug("%s: peer does not share %s; using TCP", self, host.path)
             if inbox is not None:
-                inbox.close()
-                host.unpeer(inbox.peer)
+                host.drop_inbox(inbox)
             hs.abandon()
             return
         pipe = hs.take_pipe()
@@ -501,8 +498,7 @@ class SHM(TCP):
                 if pipe >= 0:
                     os.close(pipe)
                 if inbox is not None:
-                    inbox.close()
-                    host.unpeer(inbox.peer)
+                    host.drop_inbox(inbox)
                 host.release()
                 raise
         outbox = None
