@@ -24,6 +24,7 @@ import logging
 import os
 import pickle
 import weakref
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -97,10 +98,13 @@ class Link:
         #: Drops our pinned frames as the peer releases them (see _unpin).
         self.unpinning: asyncio.Future[None] | None = None
         self.below_threshold = stats.Tally("below-threshold")
-        #: Set while no message is being streamed on this comm: a message
-        #: must not start between the fragments of another.
-        self.idle = asyncio.Event()
-        self.idle.set()
+        #: While a message streams through the buffer, the messages written
+        #: after it, serialized, in order: (frames, through the buffer?).  No
+        #: message may start between the fragments of another.  None: nothing
+        #: is streaming, and messages go straight to TCP.
+        self.queue: deque[tuple[list[memoryview], bool]] | None = None
+        #: The task streaming the queue (see SHM._pump).
+        self.pump: asyncio.Future[None] | None = None
         self._open = True
 
     def close(self) -> None:
@@ -375,8 +379,9 @@ class SHM(TCP):
     then reads our large messages in place: the descriptor lists each
     frame's address, the receiver copies the frames straight into its own
     memory (one copy, by the kernel) and releases them through the release
-    pipe, and our write returns only then, so the frames do not change while
-    they are read.  A relay therefore adds one copy over a direct transfer.
+    pipe.  Our write returns at once, as ``TCP.write`` does, and the frames
+    stay pinned, unchanged, until released.  A relay therefore adds one copy
+    over a direct transfer.
 
     **Messages.**  After a successful handshake, a message that may reach
     ``dask-shm.threshold`` bytes is serialized here, without sharding.  If
@@ -389,6 +394,9 @@ class SHM(TCP):
     copying out while the sender copies in; the rest follow as room is
     released.  A fragment that finds no room, while none of this message's
     fragments is in flight to be released, travels inline instead.  The
+    write returns once the message is serialized, as ``TCP.write`` returns
+    with its frames queued: a task streams it, and the messages written
+    meanwhile wait in order behind it (``Link.queue``).  The
     receiver validates each descriptor before reading, copies each region
     into frames allocated as ``TCP.read`` allocates them and releases it.
     All other messages are plain TCP.
@@ -565,8 +573,8 @@ class SHM(TCP):
     async def _write_small(self, link: Link, msg: Any, serializers: Any, on_error: str) -> int:
         # Checked when the write runs, not when it was called: writes created
         # together (asyncio.gather) run later, perhaps during a stream.
-        while not link.idle.is_set():
-            await link.idle.wait()
+        if link.queue is not None:
+            return await self._write_link(link, msg, serializers, on_error)
         return await super().write(msg, serializers, on_error)
 
     async def _write_handshake(self, msg: Any, serializers: Any, on_error: str) -> int:
@@ -577,9 +585,6 @@ class SHM(TCP):
             raise
 
     async def _write_link(self, link: Link, msg: Any, serializers: Any, on_error: str) -> int:
-        while not link.idle.is_set():  # one message at a time on the stream
-            await link.idle.wait()
-        link.idle.clear()
         try:
             frames = await to_frames(
                 msg,
@@ -595,21 +600,52 @@ class SHM(TCP):
             )
             views = [ensure_memoryview(f) for f in frames]
             total = sum(v.nbytes for v in views)
-            if total < link.threshold or link.outbox is None:
+            shared = total >= link.threshold and link.outbox is not None
+            if link.queue is not None:  # behind a stream: wait your turn
+                link.queue.append((views, shared))
+            elif not shared:
                 stats.count("tcp-messages")
                 stats.count("tcp-bytes", total)
-                return await super().write(_Envelope(None, *views).pickled(), on_error="raise")
-            if link.single_copy:
+                await super().write(_Envelope(None, *views).pickled(), on_error="raise")
+            elif link.single_copy:
                 await self._send_in_place(link, views)
+                stats.count("shm-messages")
             else:
-                await self._stream(link, views, total)
-            stats.count("shm-messages")
+                link.queue = deque([(views, True)])
+                link.pump = asyncio.ensure_future(self._pump(link))
             return total
         except CommClosedError:
             self._release()
             raise
+
+    async def _pump(self, link: Link) -> None:
+        """Send the link's queue in order, streaming what goes through the
+        buffer.  ``write`` has returned meanwhile, as ``TCP.write`` returns
+        with its frames queued in the stream: an end that writes large
+        messages before it reads does not wait for its peer to read them."""
+        queue = link.queue
+        assert queue is not None
+        try:
+            while queue:
+                views, shared = queue[0]
+                if shared:
+                    await self._stream(link, views, sum(v.nbytes for v in views))
+                    stats.count("shm-messages")
+                else:
+                    stats.count("tcp-messages")
+                    stats.count("tcp-bytes", sum(v.nbytes for v in views))
+                    await super().write(_Envelope(None, *views).pickled(), on_error="raise")
+                queue.popleft()
+        except CommClosedError:
+            self._release()
+        except Exception:
+            # No caller is left to raise to: end the comm, so that both ends
+            # see it closed rather than wait for the rest of a message.
+            logger.exception("%s: streaming a message failed; aborting the comm", self)
+            self.abort()
         finally:
-            link.idle.set()
+            link.queue = None
+            link.pump = None
 
     async def _send_in_place(self, link: Link, views: list[memoryview]) -> None:
         """Single copy: describe the frames where they are.  Like
@@ -806,6 +842,10 @@ class SHM(TCP):
     def close(self):  # type: ignore[no-untyped-def]
         # A generator coroutine like TCP.close (see the comment there).
         try:
+            link = self._link
+            if link is not None and link.pump is not None:
+                # What write() accepted is delivered, as TCP.close flushes.
+                yield asyncio.shield(link.pump)
             yield super().close()
         finally:
             self._release()

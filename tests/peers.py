@@ -128,7 +128,8 @@ async def receive(args: list[str]) -> None:
 
 async def serve_send(args: list[str]) -> None:
     """Listen; to the first peer that connects, write one message of
-    ``args[0]`` bytes, then close that comm.  Meanwhile an idle linked comm
+    ``args[0]`` bytes, then close that comm (which waits for the message to
+    stream).  Meanwhile an idle linked comm
     (to a second listener here) keeps this process's buffer, so what that
     message held of it can be read afterwards: ``in-flight`` (bytes of the
     buffer not yet freed) once the comm to the peer is closed."""
@@ -140,6 +141,7 @@ async def serve_send(args: list[str]) -> None:
     async def handler(comm: Comm) -> None:
         try:
             await comm.write({"x": to_serialize(payload(int(args[0])))})
+            await comm.close()  # once what the write queued has been streamed
             report["wrote"] = "ok"
         except Exception as e:  # noqa: BLE001  (whatever it raised is the result)
             report["wrote"] = type(e).__name__
@@ -255,9 +257,10 @@ def mid_stream(args: list[str]) -> None:
     """Within this process, stream a 40 MB message through a 1 MiB buffer
     and, mid-stream, end one side: ``sender`` aborts its comm (another
     linked comm stays open meanwhile), ``receiver`` aborts its comm, or
-    ``both`` abort while the write waits for room (the process's last comm
-    closes under a waiting write).  Report what the read and the write
-    raised, then collect garbage and report what is left of ours."""
+    ``both`` abort while the stream waits for room (the process's last comm
+    closes under a waiting stream).  Report what the write, the read, the
+    stream and a write after the abort came to, then collect garbage and
+    report what is left of ours."""
     import gc
 
     import dask
@@ -301,30 +304,42 @@ def mid_stream(args: list[str]) -> None:
             else:  # more than the buffer copied in, far from the end
                 while not 4 << 20 < stats.snapshot().get("shm-bytes", 0) < 30 * 10**6:
                     await asyncio.sleep(0.001)
-            assert not write.done()
-            (receiving[0] if who == "receiver" else comm).abort()
-            if who == "both":
-                receiving[0].abort()
+            # The write returned once the message was queued, as TCP's does;
+            # a task streams it.
             wrote: object = "ok"
             try:
                 await asyncio.wait_for(write, 10)
-            except asyncio.TimeoutError:
-                wrote = "hung"
             except Exception as e:  # noqa: BLE001
-                wrote = e  # kept, as a caller keeps it (a future, a log record)
+                wrote = e
+            assert comm.link is not None and comm.link.pump is not None
+            pump = comm.link.pump
+            (receiving[0] if who == "receiver" else comm).abort()
+            if who == "both":
+                receiving[0].abort()
+            streaming = "ended"
+            try:
+                await asyncio.wait_for(asyncio.shield(pump), 10)
+            except asyncio.TimeoutError:
+                streaming = "hung"
             read = None if who == "both" else await asyncio.wait_for(outcome.get(), 10)
+            try:
+                await comm.write({"x": to_serialize(payload(10))})
+                again: object = "ok"
+            except Exception as e:  # noqa: BLE001
+                again = e  # kept, as a caller keeps it (a future, a log record)
             comm.abort()
             if keep is not None:
                 await keep.close()
             gate.set()
-        return read, wrote
+        return read, wrote, streaming, again
 
     with dask.config.set(conf):
-        read, wrote = asyncio.run(scenario())
-    names = [x if isinstance(x, str) else type(x).__name__ for x in (read, wrote)]
-    del read, wrote  # their tracebacks hold frames of the data path: garbage now
+        outcomes = asyncio.run(scenario())
+    names = [x if isinstance(x, str) else type(x).__name__ for x in outcomes]
+    del outcomes  # their tracebacks hold frames of the data path: garbage now
     gc.collect()
-    done(read=names[0], wrote=names[1], files=ours(), fds=our_fds(), maps=our_maps())
+    done(read=names[0], wrote=names[1], streaming=names[2], again=names[3], files=ours(),
+         fds=our_fds(), maps=our_maps())
 
 
 def cancel_handshake(args: list[str]) -> None:

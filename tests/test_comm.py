@@ -156,6 +156,39 @@ async def check_writes_complete_before_the_peer_reads(scheme: str) -> None:
             comm.abort()
 
 
+async def check_both_ends_write_before_reading(scheme: str) -> None:
+    """Each end writes large messages, with small ones between them, before
+    it reads any: neither waits for the other (TCP queues them), and each
+    end receives the other's in order."""
+    sizes = [30 * 10**6, 10, 5 * 10**6, 10, 30 * 10**6]
+
+    async def exchange(comm: Comm, seed: int) -> list[Any]:
+        for i, n in enumerate(sizes):
+            await asyncio.wait_for(comm.write({"x": to_serialize(payload(n, seed + i))}), 5)
+        return [(await comm.read())["x"] for _ in sizes]
+
+    done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+
+    async def handler(comm: Comm) -> None:
+        try:
+            done.set_result(await exchange(comm, 100))
+        except Exception as e:
+            done.set_exception(e)
+        finally:
+            await comm.close()
+
+    async with listen(f"{scheme}://127.0.0.1:0", handler) as listener:
+        comm = await connect(listener.contact_address)
+        try:
+            mine = await asyncio.wait_for(exchange(comm, 0), 30)
+            theirs = await asyncio.wait_for(done, 30)
+        finally:
+            comm.abort()
+    for i, n in enumerate(sizes):
+        np.testing.assert_array_equal(mine[i], payload(n, 100 + i))
+        np.testing.assert_array_equal(theirs[i], payload(n, i))
+
+
 async def check_concurrent_writers(scheme: str) -> None:
     """Writes started together on one comm (while the peer reads) are not
     interleaved."""
@@ -226,6 +259,7 @@ async def check_abort_after_writes(scheme: str) -> None:
         comm = await connect(listener.contact_address)
         for i in range(3):
             await comm.write({"x": to_serialize(payload(8 * 10**6, i))})
+        await until(lambda: got)  # the rest are in flight or queued
         comm.abort()
         await until(lambda: errors)
     assert isinstance(errors[0], CommClosedError)
@@ -265,29 +299,20 @@ def test_behaviour(scheme: str, conf: dict[str, str], check: Callable[[str], Awa
         assert counts.get("shm-messages", 0) == 0, counts
 
 
-WAITS_FOR_THE_READER = pytest.mark.xfail(
-    strict=True,
-    raises=asyncio.TimeoutError,
-    reason="through the buffer, SHM.write waits for the receiver to release regions "
-    "once a message has IN_FLIGHT regions in flight; TCP.write only queues the frames. "
-    "Two ends that each write a large message before reading deadlock (single copy "
-    "does not wait).",
-)
-
-
 @pytest.mark.parametrize(
     "scheme, conf",
     [
         pytest.param("tcp", {}, id="tcp"),
         pytest.param("shm", {"dask-shm.single-copy": True}, id="shm-single-copy"),
-        pytest.param("shm", {}, id="shm", marks=WAITS_FOR_THE_READER),
+        pytest.param("shm", {}, id="shm"),
         pytest.param("shm", {"dask-shm.buffer-size": "1 MiB", "dask-shm.fragment-size": "256 KiB"},
-                     id="shm-small-buffer", marks=WAITS_FOR_THE_READER),
+                     id="shm-small-buffer"),
     ],
 )
 def test_writes_complete_before_the_peer_reads(scheme: str, conf: dict[str, str]) -> None:
     with dask.config.set(conf):
         run(check_writes_complete_before_the_peer_reads(scheme))
+        run(check_both_ends_write_before_reading(scheme))
 
 
 @pytest.mark.parametrize(
@@ -435,11 +460,12 @@ def test_a_message_of_many_small_frames_goes_through_shared_memory() -> None:
 )
 def test_a_comm_closed_mid_stream(who: str) -> None:
     """While a 40 MB message streams through a 1 MiB buffer, one end aborts
-    (``both``: both ends, while the write waits for room, so the process's
-    last comm closes under it): the read and the write fail with
-    CommClosedError, the write does not hang, and once the garbage is
-    collected nothing of ours is left: no file, descriptor or mapping.  In a
-    process of its own (it is the whole process's state that is checked)."""
+    (``both``: both ends, while the stream waits for room, so the process's
+    last comm closes under it).  The write returned at once, as TCP's does;
+    the stream ends rather than hangs; the read and the next write fail with
+    CommClosedError; and once the garbage is collected nothing of ours is
+    left: no file, descriptor or mapping.  In a process of its own (it is the
+    whole process's state that is checked)."""
 
     async def main() -> dict[str, Any]:
         async with peer("mid-stream", who) as p:
@@ -448,7 +474,7 @@ def test_a_comm_closed_mid_stream(who: str) -> None:
     got = run(main())
     if who != "both":
         assert got["read"] == "CommClosedError", got
-    assert got["wrote"] == "CommClosedError", got
+    assert (got["wrote"], got["streaming"], got["again"]) == ("ok", "ended", "CommClosedError"), got
     assert got["files"] == got["fds"] == got["maps"] == [], got
 
 

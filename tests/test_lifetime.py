@@ -142,6 +142,7 @@ def test_a_message_nobody_reads_holds_its_regions_until_the_receiver_goes(shm_co
             keep = await connect(listener.contact_address)
             comm = await connect(listener.contact_address)
             await comm.write({"x": to_serialize(np.ones(4 << 20, dtype="u1"))})
+            await until(lambda: buffers.info()["buffer-in-flight"] >= 4 << 20)  # streamed
             in_flight.append(buffers.info()["buffer-in-flight"])
             await until(lambda: len(receiving) == 2)
             [theirs] = [c for c in receiving if c.peer_address == comm.local_address]

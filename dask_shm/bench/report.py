@@ -232,6 +232,13 @@ def tables(run: Run, images: dict[str, str] | None = None, level: str = "##") ->
     return "\n".join(out)
 
 
+def _reporting(block: int | None) -> str:
+    if not block:
+        return "off (or not a virtual machine)"
+    return (f"on: freed blocks of {fmt_size(block)} go back to the hypervisor, and touching them "
+            "again costs a host fault, in either transport; expect slow outliers")
+
+
 def _machine_table(run: Run) -> str:
     m = run.machine
     versions = ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items())
@@ -244,6 +251,7 @@ def _machine_table(run: Run) -> str:
         ["shm directory", f"{m.get('shm directory')}, {fmt_size(m.get('shm directory size'))}"],
         ["transparent huge pages", f"shmem_enabled = {m.get('thp shmem_enabled')}, "
                                    f"enabled = {m.get('thp enabled')}"],
+        ["free page reporting", _reporting(m.get("free page reporting"))],
         ["date", str(m.get("date"))],
     ]
     return _table(["", ""], rows)
