@@ -105,6 +105,11 @@ class Link:
         self.queue: deque[tuple[list[memoryview], bool]] | None = None
         #: The task streaming the queue (see SHM._pump).
         self.pump: asyncio.Future[None] | None = None
+        #: Small messages on their way straight to TCP.  Their serialization
+        #: may yield (distributed offloads what it cannot size), so a stream
+        #: starts only once they are in the stream (``drained``).
+        self.direct = 0
+        self.drained: asyncio.Future[None] | None = None
         self._open = True
 
     def close(self) -> None:
@@ -575,7 +580,15 @@ class SHM(TCP):
         # together (asyncio.gather) run later, perhaps during a stream.
         if link.queue is not None:
             return await self._write_link(link, msg, serializers, on_error)
-        return await super().write(msg, serializers, on_error)
+        link.direct += 1
+        try:
+            return await super().write(msg, serializers, on_error)
+        finally:
+            link.direct -= 1
+            if not link.direct and link.drained is not None:
+                if not link.drained.done():
+                    link.drained.set_result(None)
+                link.drained = None
 
     async def _write_handshake(self, msg: Any, serializers: Any, on_error: str) -> int:
         try:
@@ -626,6 +639,9 @@ class SHM(TCP):
         queue = link.queue
         assert queue is not None
         try:
+            if link.direct:  # small messages under way go first
+                link.drained = asyncio.get_running_loop().create_future()
+                await link.drained
             while queue:
                 views, shared = queue[0]
                 if shared:

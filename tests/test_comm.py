@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -189,6 +190,69 @@ async def check_both_ends_write_before_reading(scheme: str) -> None:
         np.testing.assert_array_equal(theirs[i], payload(n, i))
 
 
+#: Set: a SlowToPickle may finish serializing.
+PICKLING = threading.Event()
+
+
+class SlowToPickle:
+    """Small, but Dask cannot size it, so distributed's TCP write serializes
+    it off the event loop (``offload``): the write yields between being
+    called and reaching the stream, until :data:`PICKLING` is set."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __sizeof__(self) -> int:
+        raise TypeError("no size")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        PICKLING.wait(30)
+        return (SlowToPickle, (self.value,))
+
+
+async def check_a_stream_waits_for_small_writes_under_way(scheme: str) -> None:
+    """A small write is still being serialized when a large message starts
+    to stream (9 MB, serialized on the loop); the reader is not reading yet.
+    The stream starts only once the small message is in the stream, so no
+    message lands between the fragments of another: both arrive whole (in
+    either order: TCP's own write does not order writes made at once)."""
+    PICKLING.clear()
+    gate = asyncio.Event()
+    got: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def handler(comm: Comm) -> None:
+        try:
+            await gate.wait()
+            for _ in range(2):
+                await got.put(await comm.read())
+        except Exception as e:  # noqa: BLE001  (the test reports it)
+            await got.put(e)
+        finally:
+            await comm.close()
+
+    x = payload(9 * 10**6)
+    async with listen(f"{scheme}://127.0.0.1:0", handler) as listener:
+        comm = await connect(listener.contact_address)
+        try:
+            small = asyncio.ensure_future(comm.write({"y": to_serialize(SlowToPickle(7))}))
+            large = asyncio.ensure_future(comm.write({"x": to_serialize(x)}))
+            await until(large.done)  # returned: queued to stream, as TCP queues
+            PICKLING.set()
+            await asyncio.gather(small, large)
+            gate.set()
+            out = [await asyncio.wait_for(got.get(), 30) for _ in range(2)]
+        finally:
+            PICKLING.set()
+            await comm.close()
+    for m in out:
+        if isinstance(m, Exception):
+            raise m
+    [small] = [m for m in out if "y" in m]
+    [large] = [m for m in out if "x" in m]
+    assert small["y"].value == 7
+    np.testing.assert_array_equal(large["x"], x)
+
+
 async def check_concurrent_writers(scheme: str) -> None:
     """Writes started together on one comm (while the peer reads) are not
     interleaved."""
@@ -273,6 +337,7 @@ CHECKS = [
     check_many_small_frames,
     check_close_after_write_delivers,
     check_abort_after_writes,
+    check_a_stream_waits_for_small_writes_under_way,
 ]
 TRANSPORTS = [
     pytest.param("tcp", {}, id="tcp"),
