@@ -414,6 +414,8 @@ class SHM(TCP):
         #: Messages written as plain TCP, counted as fallback-<why> once the
         #: handshake said why (see :mod:`dask_shm.stats`).
         self._plain: stats.Tally | None = None
+        #: close() has begun: writes fail from now on, as TCP's do.
+        self._closing = False
 
     # -- handshake -----------------------------------------------------------
 
@@ -578,11 +580,20 @@ class SHM(TCP):
     async def _write_small(self, link: Link, msg: Any, serializers: Any, on_error: str) -> int:
         # Checked when the write runs, not when it was called: writes created
         # together (asyncio.gather) run later, perhaps during a stream.
+        if self._closing:
+            raise CommClosedError(f"in {self}: closed")
         if link.queue is not None:
-            return await self._write_link(link, msg, serializers, on_error)
+            return await self._write_link(link, msg, serializers, on_error, small=True)
+        return await self._direct(link, super().write(msg, serializers, on_error))
+
+    async def _direct(self, link: Link, write: Coroutine[Any, Any, int]) -> int:
+        """Await a write straight to TCP.  Its serialization may yield
+        (distributed offloads what is large or what it cannot size), so a
+        stream starts only once every such write is in the TCP stream: no
+        message may land between the fragments of another."""
         link.direct += 1
         try:
-            return await super().write(msg, serializers, on_error)
+            return await write
         finally:
             link.direct -= 1
             if not link.direct and link.drained is not None:
@@ -597,7 +608,9 @@ class SHM(TCP):
             self._drop_handshake()
             raise
 
-    async def _write_link(self, link: Link, msg: Any, serializers: Any, on_error: str) -> int:
+    async def _write_link(
+        self, link: Link, msg: Any, serializers: Any, on_error: str, small: bool = False
+    ) -> int:
         try:
             frames = await to_frames(
                 msg,
@@ -611,17 +624,21 @@ class SHM(TCP):
                 },
                 frame_split_size=NO_SPLIT,
             )
+            if self._closing or self.closed():  # closed while serializing: as TCP
+                raise CommClosedError(f"in {self}: closed")
             views = [ensure_memoryview(f) for f in frames]
             total = sum(v.nbytes for v in views)
             shared = total >= link.threshold and link.outbox is not None
+            if not shared and not small:
+                stats.count("tcp-messages")
+                stats.count("tcp-bytes", total)
             if link.queue is not None:  # behind a stream: wait your turn
                 link.queue.append((views, shared))
             elif not shared:
-                stats.count("tcp-messages")
-                stats.count("tcp-bytes", total)
-                await super().write(_Envelope(None, *views).pickled(), on_error="raise")
+                await self._direct(link, super().write(_Envelope(None, *views).pickled(),
+                                                       on_error="raise"))
             elif link.single_copy:
-                await self._send_in_place(link, views)
+                await self._direct(link, self._send_in_place(link, views))
                 stats.count("shm-messages")
             else:
                 link.queue = deque([(views, True)])
@@ -635,11 +652,12 @@ class SHM(TCP):
         """Send the link's queue in order, streaming what goes through the
         buffer.  ``write`` has returned meanwhile, as ``TCP.write`` returns
         with its frames queued in the stream: an end that writes large
-        messages before it reads does not wait for its peer to read them."""
+        messages before it reads does not wait for its peer to read them.
+        ``abort`` cancels it; ``close`` waits for it."""
         queue = link.queue
         assert queue is not None
         try:
-            if link.direct:  # small messages under way go first
+            if link.direct:  # writes straight to TCP under way go first
                 link.drained = asyncio.get_running_loop().create_future()
                 await link.drained
             while queue:
@@ -648,8 +666,6 @@ class SHM(TCP):
                     await self._stream(link, views, sum(v.nbytes for v in views))
                     stats.count("shm-messages")
                 else:
-                    stats.count("tcp-messages")
-                    stats.count("tcp-bytes", sum(v.nbytes for v in views))
                     await super().write(_Envelope(None, *views).pickled(), on_error="raise")
                 queue.popleft()
         except CommClosedError:
@@ -660,8 +676,9 @@ class SHM(TCP):
             logger.exception("%s: streaming a message failed; aborting the comm", self)
             self.abort()
         finally:
-            link.queue = None
-            link.pump = None
+            if link.queue is queue:
+                link.queue = None
+                link.pump = None
 
     async def _send_in_place(self, link: Link, views: list[memoryview]) -> None:
         """Single copy: describe the frames where they are.  Like
@@ -687,7 +704,8 @@ class SHM(TCP):
         """Send ``views`` through the buffer (see the class Notes)."""
         outbox = link.outbox
         buffer = link.host.buffer
-        assert outbox is not None and buffer is not None
+        if outbox is None or buffer is None or outbox.closed:
+            raise CommClosedError(f"in {self}: closed while streaming")
         source = _Cursor(views)
         lengths: list[int] | None = [v.nbytes for v in views]
         placed = 0  # regions of this message, placed so far
@@ -851,17 +869,21 @@ class SHM(TCP):
 
     def _release(self) -> None:
         self._drop_handshake()
-        if self._link is not None:
-            self._link.close()
+        link = self._link
+        if link is not None:
+            if link.pump is not None and link.pump is not _current_task():
+                link.pump.cancel()  # the comm is closed: nothing more is sent
+            link.close()
 
     @gen.coroutine
     def close(self):  # type: ignore[no-untyped-def]
         # A generator coroutine like TCP.close (see the comment there).
+        self._closing = True
         try:
             link = self._link
-            if link is not None and link.pump is not None:
+            while link is not None and link.pump is not None and not self.closed():
                 # What write() accepted is delivered, as TCP.close flushes.
-                yield asyncio.shield(link.pump)
+                yield asyncio.wait([link.pump])
             yield super().close()
         finally:
             self._release()
@@ -869,6 +891,13 @@ class SHM(TCP):
     def abort(self) -> None:
         super().abort()
         self._release()
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop
+        return None
 
 
 def _later(release: Callable[[], None]) -> None:

@@ -316,11 +316,8 @@ def mid_stream(args: list[str]) -> None:
             (receiving[0] if who == "receiver" else comm).abort()
             if who == "both":
                 receiving[0].abort()
-            streaming = "ended"
-            try:
-                await asyncio.wait_for(asyncio.shield(pump), 10)
-            except asyncio.TimeoutError:
-                streaming = "hung"
+            await asyncio.wait([pump], timeout=10)  # abort stops the stream
+            streaming = "ended" if pump.done() else "hung"
             read = None if who == "both" else await asyncio.wait_for(outcome.get(), 10)
             try:
                 await comm.write({"x": to_serialize(payload(10))})

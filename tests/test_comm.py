@@ -192,6 +192,8 @@ async def check_both_ends_write_before_reading(scheme: str) -> None:
 
 #: Set: a SlowToPickle may finish serializing.
 PICKLING = threading.Event()
+#: Set by a SlowToPickle once its serialization has begun.
+PICKLING_STARTED = threading.Event()
 
 
 class SlowToPickle:
@@ -206,8 +208,16 @@ class SlowToPickle:
         raise TypeError("no size")
 
     def __reduce__(self) -> tuple[Any, ...]:
+        PICKLING_STARTED.set()
         PICKLING.wait(30)
         return (SlowToPickle, (self.value,))
+
+
+class SlowAndLooksLarge(SlowToPickle):
+    """Dask sizes it at 8 MiB, but it serializes to a few bytes."""
+
+    def __sizeof__(self) -> int:
+        return 8 << 20
 
 
 async def check_a_stream_waits_for_small_writes_under_way(scheme: str) -> None:
@@ -513,6 +523,140 @@ def test_a_message_of_many_small_frames_goes_through_shared_memory() -> None:
     counts = stats.snapshot()
     assert counts["shm-messages"] == 1 and counts["shm-bytes"] >= 200 * 65536, counts
     assert counts.get("tcp-messages", 0) == 0
+
+
+def test_a_stream_waits_for_envelopes_under_way() -> None:
+    """Message A is below the threshold once serialized, though its estimate
+    reached it, and large enough that distributed serializes its envelope
+    off the loop; B streams.  Both are serialized in distributed's single
+    offload thread, A first (gated), so A's envelope is still being
+    serialized when B's stream would start: B waits for it, and the reader
+    (which reads only once both writes returned) gets both whole."""
+    PICKLING.clear()
+    PICKLING_STARTED.clear()
+    a = {"a": to_serialize(payload(12 * 10**6)), "slow": to_serialize(SlowAndLooksLarge(1))}
+    b = {"x": to_serialize(payload(30 * 10**6, 1))}
+
+    async def main() -> list[Any]:
+        gate = asyncio.Event()
+        got: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def handler(comm: Comm) -> None:
+            try:
+                await gate.wait()
+                for _ in range(2):
+                    await got.put(await comm.read())
+            except Exception as e:  # noqa: BLE001  (the test reports it)
+                await got.put(e)
+            finally:
+                await comm.close()
+
+        async with listen("shm://127.0.0.1:0", handler) as listener:
+            comm = await connect(listener.contact_address)
+            try:
+                first = asyncio.ensure_future(comm.write(a))
+                second = asyncio.ensure_future(comm.write(b))
+                await until(PICKLING_STARTED.is_set)  # both writes are serializing
+                PICKLING.set()
+                await asyncio.gather(first, second)
+                gate.set()
+                return [await asyncio.wait_for(got.get(), 30) for _ in range(2)]
+            finally:
+                PICKLING.set()
+                await comm.close()
+
+    with dask.config.set({"dask-shm.threshold": "16 MiB"}):
+        out = run(main())
+    for m in out:
+        if isinstance(m, Exception):
+            raise m
+    [got_a] = [m for m in out if "a" in m]
+    [got_b] = [m for m in out if "x" in m]
+    np.testing.assert_array_equal(got_a["a"], payload(12 * 10**6))
+    np.testing.assert_array_equal(got_b["x"], payload(30 * 10**6, 1))
+    counts = stats.snapshot()
+    assert counts["tcp-messages"] == 1 and counts["shm-messages"] == 1, counts
+
+
+SMALL_BUFFER = {"dask-shm.threshold": "64 KiB", "dask-shm.buffer-size": "1 MiB",
+                "dask-shm.fragment-size": "256 KiB"}
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "shm"])
+def test_abort_while_streaming_to_a_peer_that_does_not_read(scheme: str) -> None:
+    """A 40 MB message streams through a 1 MiB buffer to a live peer that
+    does not read, and the writer aborts: the stream stops, close() returns
+    at once and the next write raises CommClosedError, as with TCP."""
+
+    async def main() -> object:
+        gate = asyncio.Event()
+
+        async def handler(comm: Comm) -> None:
+            await gate.wait()  # alive, not reading
+            comm.abort()
+
+        async with listen(f"{scheme}://127.0.0.1:0", handler) as listener:
+            comm = await connect(listener.contact_address)
+            try:
+                await asyncio.wait_for(comm.write({"x": to_serialize(payload(40 * 10**6))}), 10)
+                link = getattr(comm, "link", None)
+                pump = link.pump if link is not None else None
+                if scheme == "shm":
+                    assert pump is not None  # stuck: the peer does not read
+                comm.abort()
+                if pump is not None:
+                    await asyncio.wait([pump], timeout=10)
+                    assert pump.done() and link is not None and link.pump is None
+                await asyncio.wait_for(comm.close(), 10)
+                try:
+                    await comm.write({"y": 1})
+                except CommClosedError as e:
+                    return type(e).__name__
+                return "wrote"
+            finally:
+                gate.set()
+
+    with dask.config.set(SMALL_BUFFER):
+        assert run(main()) == "CommClosedError"
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "shm"])
+@pytest.mark.parametrize("end", ["close", "abort"])
+def test_a_write_serializing_across_the_end_of_its_comm_fails(scheme: str, end: str) -> None:
+    """A large write is still being serialized (off the loop) when its comm
+    is closed or aborted: it raises CommClosedError, as TCP's does, and no
+    stream starts."""
+    PICKLING.clear()
+    PICKLING_STARTED.clear()
+
+    async def main() -> object:
+        async def handler(comm: Comm) -> None:
+            try:
+                await comm.read()
+            except CommClosedError:
+                pass
+            finally:
+                comm.abort()
+
+        async with listen(f"{scheme}://127.0.0.1:0", handler) as listener:
+            comm = await connect(listener.contact_address)
+            msg = {"x": to_serialize(payload(40 * 10**6)), "slow": to_serialize(SlowToPickle(1))}
+            write = asyncio.ensure_future(comm.write(msg))
+            try:
+                await until(PICKLING_STARTED.is_set)
+                if end == "close":
+                    await asyncio.wait_for(comm.close(), 10)
+                else:
+                    comm.abort()
+            finally:
+                PICKLING.set()
+            outcome = (await asyncio.gather(write, return_exceptions=True))[0]
+            link = getattr(comm, "link", None)
+            assert link is None or link.pump is None
+            return type(outcome).__name__
+
+    with dask.config.set(SMALL_BUFFER):
+        assert run(main()) == "CommClosedError"
 
 
 @pytest.mark.parametrize(
