@@ -3,7 +3,10 @@
 * ``memcpy``: one copy of the bytes into touched memory, the physical bound
   of any same-host transfer.
 * ``comm one-way``: a message and a tiny acknowledgement over a bare
-  ``distributed.comm`` connection, no cluster: the transport alone.
+  ``distributed.comm`` connection, no cluster: the transport alone.  Also
+  ``comm one-way, buffer``: the same with ``dask-shm.single-copy`` off, the
+  path of hosts where a process may not read another's memory (Yama
+  ``ptrace_scope`` 1, Ubuntu's default).
 * Cluster paths: worker-to-worker dependency transfers, and the client's
   scatter and gather, through the scheduler (Dask's default) and direct.
   The same path repeated: the case a transport's warm state suits best.
@@ -35,6 +38,8 @@ from dask_shm.bench.results import Case
 __all__ = ["memcpy", "comm_one_way", "cluster_paths", "Cold", "CLUSTER_PATHS"]
 
 SECTION = "transfers"
+#: The ``shm://`` connection that goes through the buffer (comm one-way).
+BUFFER = "shm, buffer"
 #: Payloads at or above this get a pause after each repetition, so that the
 #: kernel's freeing of the last one's memory does not land in the next.
 LARGE = 10**7
@@ -54,11 +59,14 @@ def memcpy(nbytes: int, reps: int) -> Case:
 
 def comm_one_way(sizes: list[int], reps: int, pause: float) -> list[Case]:
     """A message of each size one way plus a tiny acknowledgement, over a
-    ``tcp://`` and an ``shm://`` connection open at once in this process.
+    ``tcp://`` and an ``shm://`` connection open at once in this process,
+    and over an ``shm://`` connection whose ends do not read in place (a
+    second case, paired with the same ``tcp://`` repetitions).
 
     Small payloads are timed over a batch of messages per repetition (the
     per-message time is reported), large ones one message at a time.
     """
+    import dask
     from distributed.comm import connect, listen
     from distributed.protocol import to_serialize
 
@@ -74,25 +82,33 @@ def comm_one_way(sizes: list[int], reps: int, pause: float) -> list[Case]:
 
     async def run() -> list[Case]:
         async with contextlib.AsyncExitStack() as stack:
-            comms = {}
+            comms, addresses = {}, {}
             for s in TRANSPORTS:
                 listener = await stack.enter_async_context(listen(f"{s}://127.0.0.1:0", handler))
-                comms[s] = await connect(listener.contact_address)
+                addresses[s] = listener.contact_address
+                comms[s] = await connect(addresses[s])
+            with dask.config.set({"dask-shm.single-copy": False}):  # both ends: one process
+                comms[BUFFER] = await connect(addresses["shm"])
             cases = []
             for n in sizes:
                 case = Case(SECTION, "comm one-way", n)
+                buffered = Case(SECTION, "comm one-way, buffer", n)
                 payload = {"x": to_serialize(np.ones(n, dtype=np.uint8))}
                 batch = max(1, min(200, 20_000_000 // max(n, 1)))
                 for rep in range(reps + 1):
-                    for s in interleaved(TRANSPORTS, rep):
+                    for s in interleaved((*TRANSPORTS, BUFFER), rep):
                         t0 = time.perf_counter()
                         for _ in range(batch):
                             await comms[s].write(payload)
                             await comms[s].read()
-                        case.add(s, {"wall": (time.perf_counter() - t0) / batch}, warmup=rep == 0)
+                        sample = {"wall": (time.perf_counter() - t0) / batch}
+                        if s != "shm":
+                            buffered.add("shm" if s == BUFFER else s, sample, warmup=rep == 0)
+                        if s != BUFFER:
+                            case.add(s, sample, warmup=rep == 0)
                         if n >= LARGE:
                             await asyncio.sleep(pause)
-                cases.append(case)
+                cases += [case, buffered]
             for comm in comms.values():
                 await comm.close()
             return cases
