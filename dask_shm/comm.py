@@ -112,6 +112,14 @@ class Link:
         self.drained: asyncio.Future[None] | None = None
         self._open = True
 
+    def written_direct(self) -> None:
+        """A write straight to TCP has ended: wake a stream waiting for it."""
+        self.direct -= 1
+        if not self.direct and self.drained is not None:
+            if not self.drained.done():
+                self.drained.set_result(None)
+            self.drained = None
+
     def close(self) -> None:
         """The comm has ended (idempotent)."""
         if not self._open:
@@ -584,9 +592,14 @@ class SHM(TCP):
             raise CommClosedError(f"in {self}: closed")
         if link.queue is not None:
             return await self._write_link(link, msg, serializers, on_error, small=True)
-        return await self._direct(link, super().write(msg, serializers, on_error))
+        link.direct += 1  # as in _direct, without a coroutine more per message
+        try:
+            return await super().write(msg, serializers, on_error)
+        finally:
+            link.written_direct()
 
-    async def _direct(self, link: Link, write: Coroutine[Any, Any, int]) -> int:
+    @staticmethod
+    async def _direct(link: Link, write: Coroutine[Any, Any, int]) -> int:
         """Await a write straight to TCP.  Its serialization may yield
         (distributed offloads what is large or what it cannot size), so a
         stream starts only once every such write is in the TCP stream: no
@@ -595,11 +608,7 @@ class SHM(TCP):
         try:
             return await write
         finally:
-            link.direct -= 1
-            if not link.direct and link.drained is not None:
-                if not link.drained.done():
-                    link.drained.set_result(None)
-                link.drained = None
+            link.written_direct()
 
     async def _write_handshake(self, msg: Any, serializers: Any, on_error: str) -> int:
         try:
