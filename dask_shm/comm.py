@@ -105,9 +105,10 @@ class Link:
         self.queue: deque[tuple[list[memoryview], bool]] | None = None
         #: The task streaming the queue (see SHM._pump).
         self.pump: asyncio.Future[None] | None = None
-        #: Small messages on their way straight to TCP.  Their serialization
-        #: may yield (distributed offloads what it cannot size), so a stream
-        #: starts only once they are in the stream (``drained``).
+        #: Writes on their way straight to TCP (small messages, envelopes,
+        #: in-place descriptors).  Their serialization may yield (distributed
+        #: offloads what is large or what it cannot size), so a stream starts
+        #: only once they are in the stream (``drained``).
         self.direct = 0
         self.drained: asyncio.Future[None] | None = None
         self._open = True
