@@ -5,9 +5,9 @@ Who creates memory
     *buffer*: a file ``dask-shm-<identity>-b-<random>`` of
     ``dask-shm.buffer-size`` bytes in the shm directory.  Its first handshake
     creates it (``O_CREAT | O_EXCL``, mode 0600); before its first message
-    through it the process reserves every page (``posix_fallocate``: a full tmpfs fails
-    there with ENOSPC, never with SIGBUS later), maps it and faults it in,
-    off the event loop.  From then on it stays mapped and serves every
+    through it the process reserves every page (``posix_fallocate``: a full
+    tmpfs fails there with ENOSPC, never with SIGBUS later), maps it and
+    faults it in, off the event loop.  From then on it stays mapped and serves every
     message the process sends, whatever the size: no message needs fresh
     pages, no message pays for mmap or munmap.
 
@@ -76,6 +76,7 @@ import asyncio
 import bisect
 import ctypes
 import errno
+import itertools
 import logging
 import mmap
 import os
@@ -349,7 +350,6 @@ class Outbox:
             os.close(self.fd)
             self.fd = -1
 
-
     def _wake_waiter(self) -> None:
         if self._waiter is not None:
             loop, future = self._waiter
@@ -507,9 +507,9 @@ def read_remote(pid: int, pairs: Sequence[tuple[int, np.ndarray]]) -> None:
     """
     if _process_vm_readv is None:
         raise OSError(errno.ENOSYS, "process_vm_readv is not available here")
-    todo = [(a, d) for a, d in pairs if d.nbytes]
+    todo = deque((a, d) for a, d in pairs if d.nbytes)
     while todo:
-        batch = todo[:_IOV_MAX]
+        batch = list(itertools.islice(todo, _IOV_MAX))
         remote = (_IOVec * len(batch))(*[(a, d.nbytes) for a, d in batch])
         local = (_IOVec * len(batch))(*[(d.ctypes.data, d.nbytes) for _, d in batch])
         got = _process_vm_readv(pid, local, len(batch), remote, len(batch), 0)
@@ -522,7 +522,7 @@ def read_remote(pid: int, pairs: Sequence[tuple[int, np.ndarray]]) -> None:
             k = min(got, d.nbytes)
             got -= k
             if k == d.nbytes:
-                todo.pop(0)
+                todo.popleft()
             else:
                 todo[0] = (a + k, d[k:])
 

@@ -673,7 +673,7 @@ class SHM(TCP):
             while queue:
                 views, shared = queue[0]
                 if shared:
-                    await self._stream(link, views, sum(v.nbytes for v in views))
+                    await self._stream(link, views)
                     stats.count("shm-messages")
                 else:
                     await super().write(_Envelope(None, *views).pickled(), on_error="raise")
@@ -710,7 +710,7 @@ class SHM(TCP):
         if link.unpinning is None or link.unpinning.done():
             link.unpinning = asyncio.ensure_future(_unpin(buffer, outbox))
 
-    async def _stream(self, link: Link, views: list[memoryview], total: int) -> None:
+    async def _stream(self, link: Link, views: list[memoryview]) -> None:
         """Send ``views`` through the buffer (see the class Notes)."""
         outbox = link.outbox
         buffer = link.host.buffer

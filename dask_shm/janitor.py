@@ -7,13 +7,14 @@ them and, as a last resort, at exit (``atexit``, and multiprocessing's
 finalizers for children that leave through ``os._exit``).  A ``kill -9``
 skips both; then the files stay until another process proves their owner
 dead and removes them: :func:`sweep` unlinks a file only when
-``/proc/<pid>/stat`` is gone, shows an exiting process or a zombie, or shows another start time
-(the pid was reused).  Files of another pid namespace are never judged.
+``/proc/<pid>/stat`` is gone, shows an exiting process or a zombie, or shows
+another start time (the pid was reused).  Files of another pid namespace are
+never judged.
 
 Sweeps run when a process first sets up shared memory in a directory, when
 a link to a peer ends (a peer killed with ``kill -9`` is exiting, a zombie
-or gone by the time its socket closes), at exit, and on ``dask shm sweep``.  No thread
-or timer of ours ever runs one.
+or gone by the time its socket closes), at exit, and on ``dask shm sweep``.
+No thread or timer of ours ever runs one.
 """
 
 from __future__ import annotations

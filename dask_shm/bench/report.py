@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dask_shm.bench.mixed import STEPS
 from dask_shm.bench.paired import iqr, median
 from dask_shm.bench.results import Case, Run
-from dask_shm.metrics import GAUGES
 
 __all__ = ["fmt_size", "tables", "benchmark_md", "readme_summary", "README_MARKERS"]
 
@@ -101,7 +100,7 @@ def counters_table(cases: list[Case]) -> str:
     for c in cases:
         counters = c.extra.get("shm counters") or {}
         text = ", ".join(f"{k} {fmt_size(v) if k.endswith('bytes') else v}"
-                         for k, v in sorted(counters.items()) if k not in GAUGES) or "none"
+                         for k, v in sorted(counters.items())) or "none"
         rows.append([c.name, text])
     return _table(["workload", "change in dask-shm's counters on the shm cluster's workers "
                                "(all repetitions, warm-up included)"], rows)
