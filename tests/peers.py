@@ -10,11 +10,12 @@ the process with SIGKILL from inside the data path, at an exact point.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,28 @@ def payload(nbytes: int, seed: int = 0) -> np.ndarray:
     """Bytes whose values depend on their position: a region delivered in the
     wrong place, twice or stale shows."""
     return ((np.arange(nbytes, dtype=np.uint64) * 2654435761 + seed) >> 7).astype(np.uint8)
+
+
+@contextlib.asynccontextmanager
+async def buffer_kept(keep: bool = True) -> AsyncIterator[None]:
+    """With ``keep``, an idle linked comm to a second listener of this
+    process for the duration: this process's buffer then outlives the comm
+    under test (its last comm otherwise), so what that comm held of it can
+    be read afterwards."""
+    ended = asyncio.Event()
+
+    async def idle(comm: Comm) -> None:
+        await ended.wait()
+        comm.abort()
+
+    async with listen("shm://127.0.0.1:0", idle) as other:
+        comm = await connect(other.contact_address) if keep else None
+        try:
+            yield
+        finally:
+            if comm is not None:
+                await comm.close()
+            ended.set()
 
 
 async def echo(args: list[str]) -> None:
@@ -129,10 +152,10 @@ async def receive(args: list[str]) -> None:
 async def serve_send(args: list[str]) -> None:
     """Listen; to the first peer that connects, write one message of
     ``args[0]`` bytes, then close that comm (which waits for the message to
-    stream).  Meanwhile an idle linked comm
-    (to a second listener here) keeps this process's buffer, so what that
-    message held of it can be read afterwards: ``in-flight`` (bytes of the
-    buffer not yet freed) once the comm to the peer is closed."""
+    stream).  Meanwhile :func:`buffer_kept` keeps this process's buffer, so
+    what that message held of it can be read afterwards: ``in-flight``
+    (bytes of the buffer not yet freed) once the comm to the peer is
+    closed."""
     import gc
 
     ended = asyncio.Event()
@@ -151,17 +174,9 @@ async def serve_send(args: list[str]) -> None:
             report["buffer-bytes"] = buffers.info()["buffer-bytes"]
             ended.set()
 
-    async def idle(comm: Comm) -> None:
-        await ended.wait()
-        comm.abort()
-
-    async with listen("shm://127.0.0.1:0", handler) as listener, listen(
-        "shm://127.0.0.1:0", idle
-    ) as other:
-        keep = await connect(other.contact_address)
+    async with listen("shm://127.0.0.1:0", handler) as listener, buffer_kept():
         say("READY", listener.contact_address)
         await ended.wait()
-        await keep.close()
     del handler
     gc.collect()
     done(**report)
@@ -274,7 +289,6 @@ def mid_stream(args: list[str]) -> None:
     async def scenario() -> tuple[object, object]:
         outcome: asyncio.Queue[BaseException | None] = asyncio.Queue()
         receiving: list[Comm] = []
-        gate = asyncio.Event()
 
         async def handler(comm: Comm) -> None:
             receiving.append(comm)
@@ -288,14 +302,7 @@ def mid_stream(args: list[str]) -> None:
             finally:
                 comm.abort()
 
-        async def idle(comm: Comm) -> None:
-            await gate.wait()
-            comm.abort()
-
-        async with listen("shm://127.0.0.1:0", handler) as listener, listen(
-            "shm://127.0.0.1:0", idle
-        ) as other:
-            keep = await connect(other.contact_address) if who == "sender" else None
+        async with listen("shm://127.0.0.1:0", handler) as listener, buffer_kept(who == "sender"):
             comm = await connect(listener.contact_address)
             write = asyncio.ensure_future(comm.write({"x": to_serialize(payload(40 * 10**6))}))
             if who == "both":  # the write waits for room
@@ -325,9 +332,6 @@ def mid_stream(args: list[str]) -> None:
             except Exception as e:  # noqa: BLE001
                 again = e  # kept, as a caller keeps it (a future, a log record)
             comm.abort()
-            if keep is not None:
-                await keep.close()
-            gate.set()
         return read, wrote, streaming, again
 
     with dask.config.set(conf):

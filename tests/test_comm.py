@@ -80,6 +80,37 @@ async def one_way(scheme: str, messages: list[Any]) -> list[Any]:
             await comm.close()
 
 
+
+async def read_after(scheme: str, n: int, writes: Callable[[Comm], Awaitable[None]]) -> list[Any]:
+    """Connect to a listener that reads ``n`` messages only once
+    ``writes(comm)`` has returned; what it read (an error it met is raised)."""
+    gate = asyncio.Event()
+    got: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def handler(comm: Comm) -> None:
+        try:
+            await gate.wait()
+            for _ in range(n):
+                await got.put(await comm.read())
+        except Exception as e:  # noqa: BLE001  (raised in the caller)
+            await got.put(e)
+        finally:
+            await comm.close()
+
+    async with listen(f"{scheme}://127.0.0.1:0", handler) as listener:
+        comm = await connect(listener.contact_address)
+        try:
+            await writes(comm)
+            gate.set()
+            out = [await asyncio.wait_for(got.get(), 30) for _ in range(n)]
+        finally:
+            gate.set()
+            await comm.close()
+    for m in out:
+        if isinstance(m, Exception):
+            raise m
+    return out
+
 # -- behaviours every transport must have ------------------------------------------
 
 
@@ -227,36 +258,19 @@ async def check_a_stream_waits_for_small_writes_under_way(scheme: str) -> None:
     message lands between the fragments of another: both arrive whole (in
     either order: TCP's own write does not order writes made at once)."""
     PICKLING.clear()
-    gate = asyncio.Event()
-    got: asyncio.Queue[Any] = asyncio.Queue()
-
-    async def handler(comm: Comm) -> None:
-        try:
-            await gate.wait()
-            for _ in range(2):
-                await got.put(await comm.read())
-        except Exception as e:  # noqa: BLE001  (the test reports it)
-            await got.put(e)
-        finally:
-            await comm.close()
-
     x = payload(9 * 10**6)
-    async with listen(f"{scheme}://127.0.0.1:0", handler) as listener:
-        comm = await connect(listener.contact_address)
+
+    async def writes(comm: Comm) -> None:
         try:
             small = asyncio.ensure_future(comm.write({"y": to_serialize(SlowToPickle(7))}))
             large = asyncio.ensure_future(comm.write({"x": to_serialize(x)}))
             await until(large.done)  # returned: queued to stream, as TCP queues
             PICKLING.set()
             await asyncio.gather(small, large)
-            gate.set()
-            out = [await asyncio.wait_for(got.get(), 30) for _ in range(2)]
         finally:
             PICKLING.set()
-            await comm.close()
-    for m in out:
-        if isinstance(m, Exception):
-            raise m
+
+    out = await read_after(scheme, 2, writes)
     [small] = [m for m in out if "y" in m]
     [large] = [m for m in out if "x" in m]
     assert small["y"].value == 7
@@ -537,39 +551,18 @@ def test_a_stream_waits_for_envelopes_under_way() -> None:
     a = {"a": to_serialize(payload(12 * 10**6)), "slow": to_serialize(SlowAndLooksLarge(1))}
     b = {"x": to_serialize(payload(30 * 10**6, 1))}
 
-    async def main() -> list[Any]:
-        gate = asyncio.Event()
-        got: asyncio.Queue[Any] = asyncio.Queue()
-
-        async def handler(comm: Comm) -> None:
-            try:
-                await gate.wait()
-                for _ in range(2):
-                    await got.put(await comm.read())
-            except Exception as e:  # noqa: BLE001  (the test reports it)
-                await got.put(e)
-            finally:
-                await comm.close()
-
-        async with listen("shm://127.0.0.1:0", handler) as listener:
-            comm = await connect(listener.contact_address)
-            try:
-                first = asyncio.ensure_future(comm.write(a))
-                second = asyncio.ensure_future(comm.write(b))
-                await until(PICKLING_STARTED.is_set)  # both writes are serializing
-                PICKLING.set()
-                await asyncio.gather(first, second)
-                gate.set()
-                return [await asyncio.wait_for(got.get(), 30) for _ in range(2)]
-            finally:
-                PICKLING.set()
-                await comm.close()
+    async def writes(comm: Comm) -> None:
+        try:
+            first = asyncio.ensure_future(comm.write(a))
+            second = asyncio.ensure_future(comm.write(b))
+            await until(PICKLING_STARTED.is_set)  # both writes are serializing
+            PICKLING.set()
+            await asyncio.gather(first, second)
+        finally:
+            PICKLING.set()
 
     with dask.config.set({"dask-shm.threshold": "16 MiB"}):
-        out = run(main())
-    for m in out:
-        if isinstance(m, Exception):
-            raise m
+        out = run(read_after("shm", 2, writes))
     [got_a] = [m for m in out if "a" in m]
     [got_b] = [m for m in out if "x" in m]
     np.testing.assert_array_equal(got_a["a"], payload(12 * 10**6))
