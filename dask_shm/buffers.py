@@ -31,8 +31,8 @@ When it is released
     during the handshake, the receiver opens for writing, and the sender
     unlinks as soon as both ends are open (so nothing named is left).  The
     receiver writes one byte per region once it has copied it out; the
-    sender reads them when it next needs room and frees those regions in the
-    order it sent them.  When the receiver's end closes (its comm closed with
+    sender's event loop watches the pipe and frees those regions, in the
+    order it sent them, as the bytes arrive.  When the receiver's end closes (its comm closed with
     no copy in flight, or its process died) the sender reads end-of-file and
     frees all that link held.  Nothing is freed on a timer.  The buffer
     itself is unmapped and unlinked when the last ``shm://`` comm of the
@@ -242,37 +242,41 @@ class Buffer:
     async def wait(self, box: Outbox, seen: int) -> None:
         """Wait until regions of ``box`` are freed after ``seen`` (its
         ``freed`` count when a :meth:`place` failed): by its receiver's
-        release, read here, or by any link's poll meanwhile."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
+        release, which the event loop watching the pipe reads (see
+        :meth:`attach`), or by any link's poll meanwhile."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         with self._lock:
             if box.freed != seen or box.closed:
                 return
-            box._waiter = (loop, future)
-            box._watched = True
-            fd = box.fd
-        loop.add_reader(fd, self._poll_one, box)
+            box._waiter = future
         try:
             await future
         finally:
-            loop.remove_reader(fd)
             with self._lock:
                 box._waiter = None
-                box._watched = False
-                if box.closed:
-                    box.close()
 
-    def _poll_one(self, box: Outbox) -> None:
+    def _on_release(self, box: Outbox) -> None:
+        """The release pipe is readable (the event loop calls this)."""
         with self._lock:
             box.poll(self)
+            if box.retired and not box.inflight:
+                box.close()
 
     def attach(self, fd: int) -> Outbox:
         """The outbox of a new link whose receiver holds the write end of
-        the release pipe read through ``fd``."""
-        box = Outbox(fd)
+        the release pipe read through ``fd``.  Called on the link's event
+        loop, which watches the pipe from now until the outbox closes: what
+        the receiver releases is freed as soon as it says so, with no task
+        or timer per message, and the frames it read in place (the
+        application's memory) go at once.  Without a running loop (tests
+        driving the buffer by hand) releases are read by :meth:`place`."""
+        loop = _running_loop()
+        box = Outbox(fd, loop)
         with self._lock:
             self._tidy()
             self._outboxes.add(box)
+        if loop is not None:
+            loop.add_reader(fd, self._on_release, box)
         return box
 
     def retire(self, box: Outbox) -> None:
@@ -299,8 +303,12 @@ class Outbox:
     """The sending side of one link: the regions its receiver has not
     released yet, in the order they were sent, and the release pipe."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
         self.fd = fd
+        #: The event loop watching ``fd`` (None once it stopped).  The fd is
+        #: closed only after that, so its number is never reused under the
+        #: loop's registration.
+        self.loop: asyncio.AbstractEventLoop | None = loop
         #: Buffer offsets, or PINNED for a frame a receiver reads in place.
         self.inflight: deque[int] = deque()
         self.closed = False
@@ -311,10 +319,7 @@ class Outbox:
         #: Bumped whenever regions of this link are freed, by whichever
         #: link's :meth:`Buffer.place` polled them (see :meth:`Buffer.wait`).
         self.freed = 0
-        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
-        #: An event loop watches ``fd``: closing it now could let the number
-        #: be reused under the loop's registration; the watcher closes it.
-        self._watched = False
+        self._waiter: asyncio.Future[None] | None = None
 
     def poll(self, buffer: Buffer) -> None:
         """Free the regions the receiver released (the buffer's lock held)."""
@@ -341,20 +346,52 @@ class Outbox:
         self._wake_waiter()
 
     def close(self) -> None:
-        """Close the pipe (once no loop watches it) and wake a waiter: with
-        the pipe gone nothing more will be released."""
+        """Nothing more will be released: wake a waiter, stop watching the
+        pipe and close it.  From any thread."""
         self.closed = True
         self.pinned.clear()
         self._wake_waiter()
-        if self.fd >= 0 and not self._watched:
+        loop = self.loop
+        if loop is None:
+            self._close_fd()
+        elif _running_loop() is loop:
+            self._unwatch()
+        else:
+            try:
+                loop.call_soon_threadsafe(self._unwatch)
+            except RuntimeError:  # its loop is closed, and its selector with it
+                self.loop = None
+                self._close_fd()
+
+    def _unwatch(self) -> None:
+        """On the watching loop: stop watching, then close the fd."""
+        if self.loop is not None:
+            self.loop.remove_reader(self.fd)
+            self.loop = None
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
     def _wake_waiter(self) -> None:
-        if self._waiter is not None:
-            loop, future = self._waiter
-            self._waiter = None
+        future = self._waiter
+        if future is None:
+            return
+        self._waiter = None
+        loop = future.get_loop()
+        if _running_loop() is loop:
+            _wake(future)
+        else:
             loop.call_soon_threadsafe(_wake, future)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _wake(future: asyncio.Future[None]) -> None:

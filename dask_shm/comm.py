@@ -95,8 +95,6 @@ class Link:
         self.serializers = conf.serializers
         #: The peer reads our frames in place (one copy): set by the handshake.
         self.single_copy = False
-        #: Drops our pinned frames as the peer releases them (see _unpin).
-        self.unpinning: asyncio.Future[None] | None = None
         self.below_threshold = stats.Tally("below-threshold")
         #: While a message streams through the buffer, the messages written
         #: after it, serialized, in order: (frames, through the buffer?).  No
@@ -312,17 +310,6 @@ def _reads_token(peer: Owner | None, address: object, token: str | None) -> bool
         logger.debug("cannot read pid %d's memory (%s): frames are copied twice", peer.pid, e)
         return False
     return got.tobytes() == token.encode("ascii")
-
-
-async def _unpin(buffer: Buffer, outbox: Outbox) -> None:
-    """Drop frames the peer read in place as soon as it releases them, not
-    at our next send: their memory is the application's, and it may be
-    waiting to go.  Ends when nothing is pinned or the pipe has closed."""
-    while True:
-        seen = outbox.freed
-        if not outbox.pinned or outbox.closed:
-            return
-        await buffer.wait(outbox, seen)
 
 
 def _spread(src: np.ndarray, into: list[np.ndarray]) -> None:
@@ -707,8 +694,6 @@ class SHM(TCP):
         await super().write(_Envelope(descriptor).pickled(), on_error="raise")
         stats.count("shm-bytes", sum(n for _, n in fragments))
         stats.count("single-copy-messages")
-        if link.unpinning is None or link.unpinning.done():
-            link.unpinning = asyncio.ensure_future(_unpin(buffer, outbox))
 
     async def _stream(self, link: Link, views: list[memoryview]) -> None:
         """Send ``views`` through the buffer (see the class Notes)."""
