@@ -174,10 +174,10 @@ class Buffer:
     def destroy(self) -> None:
         """Unlink the file and close every link's release pipe.  The mapping
         goes when its last view (a copy under way) is dropped."""
-        with self._lock:
+        with self._lock:  # a loop may be polling one of them meanwhile
             outboxes, self._outboxes = self._outboxes, set()
-        for box in outboxes:
-            box.close()
+            for box in outboxes:
+                box.close()
         self.directory.unlink(self.name)
         if self._fd >= 0:
             os.close(self._fd)
@@ -230,14 +230,18 @@ class Buffer:
                 box.inflight.append(offset)
             return offset
 
-    def pin(self, box: Outbox, frames: Sequence[memoryview]) -> None:
+    def pin(self, box: Outbox, frames: Sequence[memoryview]) -> bool:
         """Keep ``frames`` alive until the receiver has read them in place
-        from this process's memory (single copy) and released them."""
+        from this process's memory (single copy) and released them.  False
+        if ``box`` has closed: nothing would release them."""
         frames = [f for f in frames if f.nbytes]
         with self._lock:
             box.poll(self)
+            if box.closed:
+                return False
             box.inflight.extend([PINNED] * len(frames))
             box.pinned.extend(frames)
+            return True
 
     async def wait(self, box: Outbox, seen: int) -> None:
         """Wait until regions of ``box`` are freed after ``seen`` (its
@@ -248,6 +252,8 @@ class Buffer:
         with self._lock:
             if box.freed != seen or box.closed:
                 return
+            if box.loop is None:  # nothing would ever wake us
+                raise RuntimeError(f"no event loop watches the release pipe of {box}")
             box._waiter = future
         try:
             await future
@@ -259,7 +265,7 @@ class Buffer:
         """The release pipe is readable (the event loop calls this)."""
         with self._lock:
             box.poll(self)
-            if box.retired and not box.inflight:
+            if box.retired and not box.inflight and not box.closed:
                 box.close()
 
     def attach(self, fd: int) -> Outbox:
@@ -320,6 +326,9 @@ class Outbox:
         #: link's :meth:`Buffer.place` polled them (see :meth:`Buffer.wait`).
         self.freed = 0
         self._waiter: asyncio.Future[None] | None = None
+        #: Makes stopping the watch and closing ``fd`` happen once, whichever
+        #: thread gets there first.
+        self._fd_lock = threading.Lock()
 
     def poll(self, buffer: Buffer) -> None:
         """Free the regions the receiver released (the buffer's lock held)."""
@@ -347,33 +356,31 @@ class Outbox:
 
     def close(self) -> None:
         """Nothing more will be released: wake a waiter, stop watching the
-        pipe and close it.  From any thread."""
+        pipe and close it.  From any thread, the buffer's lock held (so that
+        no :meth:`poll` runs meanwhile)."""
         self.closed = True
         self.pinned.clear()
         self._wake_waiter()
         loop = self.loop
-        if loop is None:
-            self._close_fd()
-        elif _running_loop() is loop:
-            self._unwatch()
-        else:
+        if loop is not None and loop.is_running() and _running_loop() is not loop:
             try:
                 loop.call_soon_threadsafe(self._unwatch)
-            except RuntimeError:  # its loop is closed, and its selector with it
-                self.loop = None
-                self._close_fd()
+                return
+            except RuntimeError:  # closed meanwhile: nothing watches any more
+                pass
+        # On the loop, or it is not running (stopped, or closed with its
+        # selector): nothing else is using its registrations.
+        self._unwatch()
 
     def _unwatch(self) -> None:
-        """On the watching loop: stop watching, then close the fd."""
-        if self.loop is not None:
-            self.loop.remove_reader(self.fd)
-            self.loop = None
-        self._close_fd()
-
-    def _close_fd(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Stop watching the pipe, then close it (once)."""
+        with self._fd_lock:
+            loop, self.loop = self.loop, None
+            if loop is not None:
+                loop.remove_reader(self.fd)  # a no-op once the loop is closed
+            fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def _wake_waiter(self) -> None:
         future = self._waiter
@@ -384,7 +391,10 @@ class Outbox:
         if _running_loop() is loop:
             _wake(future)
         else:
-            loop.call_soon_threadsafe(_wake, future)
+            try:
+                loop.call_soon_threadsafe(_wake, future)
+            except RuntimeError:  # its loop is closed: nobody is waiting
+                pass
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

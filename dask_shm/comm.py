@@ -625,7 +625,9 @@ class SHM(TCP):
                 raise CommClosedError(f"in {self}: closed")
             views = [ensure_memoryview(f) for f in frames]
             total = sum(v.nbytes for v in views)
-            shared = total >= link.threshold and link.outbox is not None
+            # A closed outbox: the receiver hung up, or this process's
+            # buffer is gone (the shm directory was full when it was filled).
+            shared = total >= link.threshold and link.outbox is not None and not link.outbox.closed
             if not shared and not small:
                 stats.count("tcp-messages")
                 stats.count("tcp-bytes", total)
@@ -636,7 +638,6 @@ class SHM(TCP):
                                                        on_error="raise"))
             elif link.single_copy:
                 await self._direct(link, self._send_in_place(link, views))
-                stats.count("shm-messages")
             else:
                 link.queue = deque([(views, True)])
                 link.pump = asyncio.ensure_future(self._pump(link))
@@ -685,13 +686,18 @@ class SHM(TCP):
         changes what it sends)."""
         outbox = link.outbox
         buffer = link.host.buffer
-        assert outbox is not None and buffer is not None
+        assert outbox is not None
+        if buffer is None or not buffer.pin(outbox, views):  # closed meanwhile
+            await super().write(_Envelope(None, *views).pickled(), on_error="raise")
+            stats.count("tcp-messages")
+            stats.count("tcp-bytes", sum(v.nbytes for v in views))
+            return
         fragments = [
             (np.frombuffer(v, dtype=np.uint8).ctypes.data, v.nbytes) for v in views if v.nbytes
         ]
-        buffer.pin(outbox, views)
         descriptor = encode([v.nbytes for v in views], fragments, remote=True)
         await super().write(_Envelope(descriptor).pickled(), on_error="raise")
+        stats.count("shm-messages")
         stats.count("shm-bytes", sum(n for _, n in fragments))
         stats.count("single-copy-messages")
 

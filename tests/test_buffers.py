@@ -6,10 +6,12 @@ pipe open; files a peer names are judged on what was opened."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -20,9 +22,10 @@ from dask_shm.buffers import ALIGN, PIPE_REGIONS, Buffer, Host, Inbox, Outbox, P
 from dask_shm.errors import DescriptorError
 from dask_shm.names import Directory, current_owner, new_name, read_probe
 
-from .conftest import SHM_DIR, is_root, ours
+from .conftest import SHM_DIR, is_root, ours, wait_for
 
 ME = current_owner()
+T = TypeVar("T")
 SIZE = 1 << 20
 
 
@@ -123,6 +126,85 @@ def test_a_link_holds_at_most_what_its_pipe_can_release(buffer: Buffer, pipes: l
     assert buffer.place(a.box, 1) is None
     a.release(PIPE_REGIONS)
     assert buffer.place(a.box, 1) is not None
+
+
+
+class LoopThread:
+    """An event loop running in a thread of its own, as a comm's loop runs
+    beside the thread that closes the last comm of a process."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-loop")
+        self.thread.start()
+
+    def run(self, fn: Callable[[], T]) -> T:
+        async def call() -> T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(30)
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(30)
+
+    def close(self) -> None:
+        self.stop()
+        self.loop.close()
+
+
+def _watched_pipe(directory: Directory, buffer: Buffer, on: LoopThread) -> tuple[Outbox, int]:
+    """A release pipe attached on ``on``'s loop, as the handshake attaches it."""
+    name = new_name("r")
+    os.mkfifo(name, 0o600, dir_fd=directory.fd)
+    read = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=directory.fd)
+    write = os.open(name, os.O_WRONLY | os.O_NONBLOCK, dir_fd=directory.fd)
+    directory.unlink(name)
+    return on.run(lambda: buffer.attach(read)), write
+
+
+@pytest.mark.parametrize("loop_state", ["running", "stopped", "closed"])
+def test_the_watching_loop_frees_releases_and_the_pipe_closes_once_from_any_thread(
+    directory: Directory, buffer: Buffer, loop_state: str
+) -> None:
+    """A link's loop frees what its receiver releases as the bytes arrive,
+    with no call from the sender; when another thread ends the link, the
+    watch stops and the pipe's descriptor is closed, whether that loop still
+    runs, has stopped or is closed."""
+    lt = LoopThread()
+    write = -1
+    try:
+        box, write = _watched_pipe(directory, buffer, lt)
+        assert buffer.place(box, 1000) == 0
+        assert buffer.pin(box, [memoryview(b"frame")])
+        os.write(write, b"\0\0")
+        assert wait_for(lambda: not box.inflight and not box.pinned)
+        if loop_state != "running":
+            lt.stop()
+        if loop_state == "closed":
+            lt.loop.close()
+        buffer.retire(box)  # nothing in flight: it closes now, from this thread
+        assert box.closed
+        assert wait_for(lambda: box.fd == -1 and box.loop is None)
+    finally:
+        if write >= 0:
+            os.close(write)
+        lt.close()
+
+
+def test_a_receiver_that_hangs_up_unwatches_its_pipe(directory: Directory, buffer: Buffer) -> None:
+    """End of file on a watched pipe frees the link's regions and ends the
+    watch at once (a level-triggered reader left on it would spin)."""
+    lt = LoopThread()
+    try:
+        box, write = _watched_pipe(directory, buffer, lt)
+        assert buffer.place(box, 1000) == 0
+        os.close(write)  # the receiver died
+        assert wait_for(lambda: box.closed and box.fd == -1 and box.loop is None)
+        assert not box.inflight
+    finally:
+        lt.close()
 
 
 @settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
