@@ -7,9 +7,9 @@ Who creates memory
     creates it (``O_CREAT | O_EXCL``, mode 0600); before its first message
     through it the process reserves every page (``posix_fallocate``: a full
     tmpfs fails there with ENOSPC, never with SIGBUS later), maps it and
-    faults it in, off the event loop.  From then on it stays mapped and serves every
-    message the process sends, whatever the size: no message needs fresh
-    pages, no message pays for mmap or munmap.
+    faults it in, off the event loop.  From then on it stays mapped and
+    serves every message the process sends, whatever the size: no message
+    needs fresh pages, no message pays for mmap or munmap.
 
 Single copy, when the kernel permits it
     A receiver that may read the sender's memory (``process_vm_readv``;
@@ -32,9 +32,9 @@ When it is released
     unlinks as soon as both ends are open (so nothing named is left).  The
     receiver writes one byte per region once it has copied it out; the
     sender's event loop watches the pipe and frees those regions, in the
-    order it sent them, as the bytes arrive.  When the receiver's end closes (its comm closed with
-    no copy in flight, or its process died) the sender reads end-of-file and
-    frees all that link held.  Nothing is freed on a timer.  The buffer
+    order it sent them, as the bytes arrive.  When the receiver's end closes
+    (its comm closed with no copy in flight, or its process died) the sender
+    reads end-of-file and frees all that link held.  Nothing is freed on a timer.  The buffer
     itself is unmapped and unlinked when the last ``shm://`` comm of the
     process closes, and at exit; a receiver still copying from it keeps its
     pages through its own mapping.
@@ -233,10 +233,10 @@ class Buffer:
     def pin(self, box: Outbox, frames: Sequence[memoryview]) -> bool:
         """Keep ``frames`` alive until the receiver has read them in place
         from this process's memory (single copy) and released them.  False
-        if ``box`` has closed: nothing would release them."""
+        if ``box`` has closed: nothing would release them.  (What the
+        receiver releases, the loop watching the pipe frees: no poll here.)"""
         frames = [f for f in frames if f.nbytes]
         with self._lock:
-            box.poll(self)
             if box.closed:
                 return False
             box.inflight.extend([PINNED] * len(frames))
@@ -265,8 +265,8 @@ class Buffer:
         """The release pipe is readable (the event loop calls this)."""
         with self._lock:
             box.poll(self)
-            if box.retired and not box.inflight and not box.closed:
-                box.close()
+            if box.retired:  # its comm has ended: close it once it is empty
+                self._tidy()
 
     def attach(self, fd: int) -> Outbox:
         """The outbox of a new link whose receiver holds the write end of
@@ -309,7 +309,7 @@ class Outbox:
     """The sending side of one link: the regions its receiver has not
     released yet, in the order they were sent, and the release pipe."""
 
-    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop | None) -> None:
         self.fd = fd
         #: The event loop watching ``fd`` (None once it stopped).  The fd is
         #: closed only after that, so its number is never reused under the

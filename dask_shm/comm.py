@@ -634,8 +634,7 @@ class SHM(TCP):
             if link.queue is not None:  # behind a stream: wait your turn
                 link.queue.append((views, shared))
             elif not shared:
-                await self._direct(link, super().write(_Envelope(None, *views).pickled(),
-                                                       on_error="raise"))
+                await self._direct(link, self._write_plain(views))
             elif link.single_copy:
                 await self._direct(link, self._send_in_place(link, views))
             else:
@@ -664,7 +663,7 @@ class SHM(TCP):
                     await self._stream(link, views)
                     stats.count("shm-messages")
                 else:
-                    await super().write(_Envelope(None, *views).pickled(), on_error="raise")
+                    await self._write_plain(views)
                 queue.popleft()
         except CommClosedError:
             self._release()
@@ -678,6 +677,10 @@ class SHM(TCP):
                 link.queue = None
                 link.pump = None
 
+    async def _write_plain(self, views: list[memoryview]) -> None:
+        """Send serialized frames as they are, over TCP."""
+        await super().write(_Envelope(None, *views).pickled(), on_error="raise")
+
     async def _send_in_place(self, link: Link, views: list[memoryview]) -> None:
         """Single copy: describe the frames where they are.  Like
         ``TCP.write``, which leaves its frames queued in the stream, this
@@ -688,7 +691,7 @@ class SHM(TCP):
         buffer = link.host.buffer
         assert outbox is not None
         if buffer is None or not buffer.pin(outbox, views):  # closed meanwhile
-            await super().write(_Envelope(None, *views).pickled(), on_error="raise")
+            await self._write_plain(views)
             stats.count("tcp-messages")
             stats.count("tcp-bytes", sum(v.nbytes for v in views))
             return

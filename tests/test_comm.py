@@ -161,31 +161,13 @@ async def check_order_and_mixed_sizes(scheme: str) -> None:
 async def check_writes_complete_before_the_peer_reads(scheme: str) -> None:
     """``await comm.write(...)`` returns once the message is on its way, as
     distributed's TCP comm does, whether or not the peer reads yet."""
-    gate = asyncio.Event()
-    got: asyncio.Queue[Any] = asyncio.Queue()
 
-    async def handler(comm: Comm) -> None:
-        try:
-            await gate.wait()
-            for _ in range(3):
-                await got.put(await comm.read())
-        except CommClosedError:
-            pass
-        finally:
-            comm.abort()
+    async def writes(comm: Comm) -> None:
+        for i in range(3):
+            await asyncio.wait_for(comm.write({"x": to_serialize(payload(30 * 10**6, i))}), 5)
 
-    async with listen(f"{scheme}://127.0.0.1:0", handler) as listener:
-        comm = await connect(listener.contact_address)
-        try:
-            for i in range(3):
-                await asyncio.wait_for(comm.write({"x": to_serialize(payload(30 * 10**6, i))}), 5)
-            gate.set()
-            for i in range(3):
-                msg = await asyncio.wait_for(got.get(), 20)
-                np.testing.assert_array_equal(msg["x"], payload(30 * 10**6, i))
-        finally:
-            gate.set()
-            comm.abort()
+    for i, msg in enumerate(await read_after(scheme, 3, writes)):
+        np.testing.assert_array_equal(msg["x"], payload(30 * 10**6, i))
 
 
 async def check_both_ends_write_before_reading(scheme: str) -> None:
