@@ -7,7 +7,9 @@ Who creates memory
     creates it (``O_CREAT | O_EXCL``, mode 0600); before its first message
     through it the process reserves every page (``posix_fallocate``: a full
     tmpfs fails there with ENOSPC, never with SIGBUS later), maps it and
-    faults it in, off the event loop.  From then on it stays mapped and
+    faults it in, off the event loop.  If there is no room, that message
+    travels over TCP and the next one that needs the buffer tries again
+    (a warning, once).  Once filled, the buffer stays mapped and
     serves every message the process sends, whatever the size: no message
     needs fresh pages, no message pays for mmap or munmap.
 
@@ -591,7 +593,10 @@ class Host:
         self.users = 0
         self.buffer: Buffer | None = None
         self._buffer_size = buffer_size
-        self._fill: threading.Event | None = None
+        #: One attempt to fill the buffer at a time (see :meth:`fill`).
+        self._fill_lock = threading.Lock()
+        #: An attempt is under way: :meth:`release` leaves the buffer to it.
+        self.filling = False
         self._peers: dict[str, PeerBuffer] = {}
         quiet_sweep(self.directory)  # orphans of processes killed earlier
 
@@ -604,7 +609,7 @@ class Host:
             if host is None:
                 host = cls._hosts[path] = Host(path, buffer_size)
             host.users += 1
-            if host.buffer is None and host._fill is None and host._buffer_size:
+            if host.buffer is None and host._buffer_size:
                 host.buffer = Buffer(host.directory, host._buffer_size)
             return host
 
@@ -619,6 +624,8 @@ class Host:
                 del self._hosts[self.path]
             peers, self._peers = self._peers, {}
             buffer, self.buffer = self.buffer, None
+            if self.filling:  # the thread filling it destroys it when done
+                buffer = None
         for peer in peers.values():
             peer.close()
         if buffer is not None:
@@ -637,37 +644,35 @@ class Host:
             cls._deferred.popleft()()
 
     def fill(self) -> Buffer | None:
-        """This process's buffer, ready for messages, or None if it has none
-        (``buffer-size`` is 0, or the directory is full: then messages from
-        this process travel over TCP).  Blocking the first time (run it off
-        the event loop); other callers wait for the first."""
-        with self._lock:
-            first = self._fill is None
-            if first:
-                self._fill = threading.Event()
-            event = self._fill
-            buffer = self.buffer
-        assert event is not None
-        if not first:
-            event.wait()
-            return self.buffer
-        try:
-            if buffer is not None:
-                buffer.fill()
-        except ShmFull as e:
-            _warn_full_once(e)
-            from dask_shm import stats
-
-            stats.count("fallback-enospc")
+        """This process's buffer, ready for messages, or None: it has none
+        (``buffer-size`` is 0), or the directory has no room for it now.
+        Then the message at hand travels over TCP, and the next one that
+        needs the buffer tries again: room freed by other processes is used
+        as soon as it is there, and links that never need the buffer
+        (single copy) are not affected.  Blocking (run it off the event
+        loop); one thread tries at a time, the others wait for its outcome
+        and see it."""
+        with self._fill_lock:
             with self._lock:
-                self.buffer = None
-            buffer.destroy()
-        finally:
-            event.set()
-        with self._lock:
-            if self.buffer is not buffer and buffer is not None:
-                buffer.destroy()  # everyone left while it filled
-        return self.buffer
+                buffer = self.buffer
+                if buffer is None or buffer.view is not None:
+                    return buffer
+                self.filling = True
+            try:
+                buffer.fill()
+            except ShmFull as e:
+                _warn_full_once(e)
+                from dask_shm import stats
+
+                stats.count("fallback-enospc")
+            finally:
+                with self._lock:
+                    self.filling = False
+                    left = self.buffer is not buffer  # everyone left meanwhile
+            if left:
+                buffer.destroy()
+                return None
+            return buffer if buffer.view is not None else None
 
     def peer(self, name: object, owner: Owner, size: object) -> PeerBuffer:
         """The peer buffer ``name`` (opened once per host)."""

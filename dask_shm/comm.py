@@ -502,9 +502,10 @@ class SHM(TCP):
         single_copy = buffer is not None and pipe >= 0 and echo.get("read-memory") is True
         if buffer is not None and not single_copy:
             # Messages to this peer go through the buffer: fill it now (once
-            # per process; a link that reads in place never needs it).
+            # per process; a link that reads in place never needs it).  If
+            # there is no room, the link's messages try again, one by one.
             try:
-                buffer = await offload(host.fill)
+                await offload(host.fill)
             except BaseException:  # cancelled: nothing of this link may stay
                 if pipe >= 0:
                     os.close(pipe)
@@ -625,8 +626,7 @@ class SHM(TCP):
                 raise CommClosedError(f"in {self}: closed")
             views = [ensure_memoryview(f) for f in frames]
             total = sum(v.nbytes for v in views)
-            # A closed outbox: the receiver hung up, or this process's
-            # buffer is gone (the shm directory was full when it was filled).
+            # A closed outbox: the receiver hung up.
             shared = total >= link.threshold and link.outbox is not None and not link.outbox.closed
             if not shared and not small:
                 stats.count("tcp-messages")
@@ -659,10 +659,13 @@ class SHM(TCP):
                 await link.drained
             while queue:
                 views, shared = queue[0]
-                if shared:
+                if shared and await self._filled(link):
                     await self._stream(link, views)
                     stats.count("shm-messages")
                 else:
+                    if shared:  # the directory has no room for the buffer now
+                        stats.count("tcp-messages")
+                        stats.count("tcp-bytes", sum(v.nbytes for v in views))
                     await self._write_plain(views)
                 queue.popleft()
         except CommClosedError:
@@ -676,6 +679,15 @@ class SHM(TCP):
             if link.queue is queue:
                 link.queue = None
                 link.pump = None
+
+    @staticmethod
+    async def _filled(link: Link) -> bool:
+        """Whether this process's buffer is ready; if it could not be filled
+        yet (no room in the directory), try again now."""
+        buffer = link.host.buffer
+        if buffer is not None and buffer.view is not None:
+            return True
+        return await offload(link.host.fill) is not None
 
     async def _write_plain(self, views: list[memoryview]) -> None:
         """Send serialized frames as they are, over TCP."""

@@ -356,6 +356,9 @@ def cancel_handshake(args: list[str]) -> None:
     from dask_shm.config import settings
     from tests.conftest import our_fds, ours
 
+    def filled(host: Host) -> bool:
+        return host.buffer is not None and host.buffer.view is not None
+
     async def scenario() -> str:
         served = asyncio.Event()
 
@@ -366,15 +369,15 @@ def cancel_handshake(args: list[str]) -> None:
         async with listen("shm://127.0.0.1:0", handler) as listener:
             connecting = asyncio.ensure_future(connect(listener.contact_address))
             path = settings().directory
-            while (host := Host._hosts.get(path)) is None or host._fill is None:
+            while not ((host := Host._hosts.get(path)) and (host.filling or filled(host))):
                 await asyncio.sleep(0.001)
-            filled = host._fill.is_set()
+            done_filling = filled(host)
             connecting.cancel()
             try:
                 await connecting
                 outcome = "connected"
             except asyncio.CancelledError:
-                outcome = "cancelled while filling" if not filled else "cancelled after filling"
+                outcome = "cancelled after filling" if done_filling else "cancelled while filling"
             await asyncio.wait_for(served.wait(), 30)
         return outcome
 

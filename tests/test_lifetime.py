@@ -229,6 +229,79 @@ def test_full_directory_falls_back_to_tcp_and_warns_once(
     assert not of_ours(small_tmpfs)
 
 
+def _occupy(path: Path, nbytes: int) -> None:
+    """Another program's file, holding ``nbytes`` of the directory."""
+    with open(path, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, nbytes)
+
+
+async def _round_trip(comm: Comm, x: np.ndarray) -> None:
+    await comm.write({"x": to_serialize(x)})
+    np.testing.assert_array_equal((await comm.read())["x"], x)
+
+
+@root_only
+def test_a_buffer_that_did_not_fit_is_filled_once_room_is_freed(
+    small_tmpfs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another program holds most of the directory: the buffer does not fit,
+    so the first message travels over TCP (one warning).  Once that program
+    lets go, the next message fills the buffer and goes through it: a full
+    directory costs the messages sent while it is full, not the comm's life."""
+    x = np.arange(2 * 10**6)  # 16 MB
+    filler = small_tmpfs / "someone-elses-file"
+    _occupy(filler, 48 << 20)
+
+    async def main() -> None:
+        async with listen("shm://127.0.0.1:0", echo_server) as listener:
+            comm = await connect(listener.contact_address)
+            assert comm.link is not None  # type: ignore[attr-defined]
+            await _round_trip(comm, x)
+            sent = stats.snapshot()
+            assert sent.get("shm-messages", 0) == 0 and sent["tcp-messages"] == 2, sent
+            filler.unlink()
+            await _round_trip(comm, x)
+            assert stats.snapshot()["shm-messages"] == 2, stats.snapshot()
+            await comm.close()
+
+    conf = {"dask-shm.directory": str(small_tmpfs), "dask-shm.buffer-size": "32 MiB"}
+    with dask.config.set(conf), caplog.at_level(logging.WARNING, logger="dask_shm"):
+        asyncio.run(main())
+    full = [r for r in caplog.records if "cannot reserve" in r.getMessage()]
+    assert len(full) == 1, [r.getMessage() for r in caplog.records]
+    assert not of_ours(small_tmpfs)
+
+
+@root_only
+@pytest.mark.single_copy
+def test_links_that_read_in_place_outlive_a_buffer_that_does_not_fit(small_tmpfs: Path) -> None:
+    """A process with links that read in place, and one comm to a peer that
+    cannot, whose buffer does not fit the directory: that comm sends over
+    TCP; the others keep reading in place."""
+    x = np.arange(2 * 10**6)
+
+    async def main() -> None:
+        async with listen("shm://127.0.0.1:0", echo_server) as listener:
+            in_place = await connect(listener.contact_address)
+            assert in_place.link.single_copy  # type: ignore[attr-defined]
+            with dask.config.set({"dask-shm.single-copy": False}):
+                buffered = await connect(listener.contact_address)
+            assert not buffered.link.single_copy  # type: ignore[attr-defined]
+            await _round_trip(buffered, x)
+            assert stats.snapshot()["fallback-enospc"] >= 1
+            assert stats.snapshot().get("single-copy-messages", 0) == 0
+            await _round_trip(in_place, x)
+            got = stats.snapshot()
+            assert got["single-copy-messages"] == 2 and got["tcp-messages"] == 2, got
+            await buffered.close()
+            await in_place.close()
+
+    conf = {"dask-shm.directory": str(small_tmpfs), "dask-shm.buffer-size": "128 MiB"}
+    with dask.config.set(conf):
+        asyncio.run(main())
+    assert not of_ours(small_tmpfs)
+
+
 @root_only
 def test_a_directory_too_full_for_a_probe_means_plain_tcp(small_tmpfs: Path) -> None:
     """If not even a handshake probe fits (another program filled the
