@@ -19,13 +19,12 @@ add_worker_preload()
 from dask_shm import family, stats  # noqa: E402
 
 family.register()
-from dask_shm.errors import BufferMissing, DescriptorError, ShmError, ShmFull  # noqa: E402
+from dask_shm.errors import DescriptorError, ShmError, ShmFull  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
-    "BufferMissing",
     "DescriptorError",
     "Settings",
     "ShmError",

@@ -36,10 +36,13 @@ When it is released
     sender's event loop watches the pipe and frees those regions, in the
     order it sent them, as the bytes arrive.  When the receiver's end closes
     (its comm closed with no copy in flight, or its process died) the sender
-    reads end-of-file and frees all that link held.  Nothing is freed on a timer.  The buffer
-    itself is unmapped and unlinked when the last ``shm://`` comm of the
-    process closes, and at exit; a receiver still copying from it keeps its
-    pages through its own mapping.
+    reads end-of-file and frees all that link held.  Nothing is freed on a
+    timer.  A comm that closes keeps its link's regions and frames read in
+    place, and its pipe watched, until its receiver releases them or hangs
+    up: a message written just before a close is still delivered.  The
+    buffer itself is unmapped and unlinked once the last ``shm://`` comm of
+    the process has closed and been released so, and at exit; a receiver
+    still copying from it keeps its pages through its own mapping.
 
 What a crash leaves behind
     - ``kill -9`` of a sender: its buffer file, and a probe or release pipe if
@@ -130,6 +133,9 @@ class Buffer:
         self._lock = threading.Lock()
         self._used: list[tuple[int, int]] = []  # (offset, end), sorted
         self._outboxes: set[Outbox] = set()
+        #: What closed outboxes leave to run once the lock is released (see
+        #: :meth:`retire`); appended to under the lock.
+        self._closed: deque[Callable[[], None]] = deque()
 
     def __repr__(self) -> str:
         return f"<Buffer {self.name} {self.size} bytes>"
@@ -180,6 +186,7 @@ class Buffer:
             outboxes, self._outboxes = self._outboxes, set()
             for box in outboxes:
                 box.close()
+            self._closed.clear()  # the host they held is being closed
         self.directory.unlink(self.name)
         if self._fd >= 0:
             os.close(self._fd)
@@ -230,7 +237,8 @@ class Buffer:
                 offset = self._find(n)
             if offset is not None:
                 box.inflight.append(offset)
-            return offset
+        self._after_close()
+        return offset
 
     def pin(self, box: Outbox, frames: Sequence[memoryview]) -> bool:
         """Keep ``frames`` alive until the receiver has read them in place
@@ -269,6 +277,7 @@ class Buffer:
             box.poll(self)
             if box.retired:  # its comm has ended: close it once it is empty
                 self._tidy()
+        self._after_close()
 
     def attach(self, fd: int) -> Outbox:
         """The outbox of a new link whose receiver holds the write end of
@@ -278,22 +287,43 @@ class Buffer:
         or timer per message, and the frames it read in place (the
         application's memory) go at once.  Without a running loop (tests
         driving the buffer by hand) releases are read by :meth:`place`."""
-        loop = _running_loop()
-        box = Outbox(fd, loop)
+        loop = running_loop()
+        box = Outbox(fd, loop, self._closed)
         with self._lock:
             self._tidy()
             self._outboxes.add(box)
+        self._after_close()
         if loop is not None:
             loop.add_reader(fd, self._on_release, box)
         return box
 
-    def retire(self, box: Outbox) -> None:
-        """``box``'s comm has ended.  What it still has in flight stays
-        reserved until its receiver releases it or its end of the pipe
-        closes; with nothing in flight its pipe closes now."""
+    def retire(self, box: Outbox, then: Callable[[], None]) -> None:
+        """``box``'s comm has ended; ``then`` runs once ``box`` has closed.
+        What it still has in flight stays reserved until its receiver
+        releases it or its end of the pipe closes (frames read in place
+        stay alive: they are the receiver's only source); with nothing in
+        flight it closes now.  The caller holds its use of the host until
+        ``then``, so the buffer and the watched pipe outlive a comm that
+        closed right after a write, until its receiver has read it."""
         with self._lock:
-            box.retired = True
+            first, box.retired = not box.retired, True
+            now = first and box.closed  # its receiver hung up earlier
+            if first and not box.closed:
+                box.then = then  # queued when it closes, below or later
             self._tidy()
+        if now:
+            then()
+        self._after_close()
+
+    def _after_close(self) -> None:
+        """Run what outboxes closed under the lock left to do (it may take
+        locks, the buffer's included)."""
+        while self._closed:
+            try:
+                job = self._closed.popleft()
+            except IndexError:  # another thread took it
+                return
+            job()
 
     def _tidy(self) -> None:
         """Poll retired outboxes, and drop those with nothing left in flight
@@ -311,7 +341,12 @@ class Outbox:
     """The sending side of one link: the regions its receiver has not
     released yet, in the order they were sent, and the release pipe."""
 
-    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop | None) -> None:
+    def __init__(
+        self,
+        fd: int,
+        loop: asyncio.AbstractEventLoop | None,
+        closed: deque[Callable[[], None]] | None = None,
+    ) -> None:
         self.fd = fd
         #: The event loop watching ``fd`` (None once it stopped).  The fd is
         #: closed only after that, so its number is never reused under the
@@ -322,6 +357,9 @@ class Outbox:
         self.closed = False
         #: Its comm has ended (see :meth:`Buffer.retire`).
         self.retired = False
+        #: Run once it closes, queued on ``_on_closed`` (see Buffer.retire).
+        self.then: Callable[[], None] | None = None
+        self._on_closed = closed
         #: Frames read in place, in the order of their PINNED entries.
         self.pinned: deque[memoryview] = deque()
         #: Bumped whenever regions of this link are freed, by whichever
@@ -363,8 +401,11 @@ class Outbox:
         self.closed = True
         self.pinned.clear()
         self._wake_waiter()
+        then, self.then = self.then, None
+        if then is not None and self._on_closed is not None:
+            self._on_closed.append(then)
         loop = self.loop
-        if loop is not None and loop.is_running() and _running_loop() is not loop:
+        if loop is not None and loop.is_running() and running_loop() is not loop:
             try:
                 loop.call_soon_threadsafe(self._unwatch)
                 return
@@ -390,7 +431,7 @@ class Outbox:
             return
         self._waiter = None
         loop = future.get_loop()
-        if _running_loop() is loop:
+        if running_loop() is loop:
             _wake(future)
         else:
             try:
@@ -399,7 +440,7 @@ class Outbox:
                 pass
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
+def running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
@@ -430,6 +471,8 @@ class PeerBuffer:
         self._fd = fd
         self.view: np.ndarray | None = None
         self.users = 0
+        #: map() runs in copying threads, close() on the loop: one at a time.
+        self._lock = threading.Lock()
 
     def map(self) -> np.ndarray:
         """The buffer's bytes, mapped at the first call.
@@ -440,7 +483,14 @@ class PeerBuffer:
             If the file is smaller than the size its owner announced (a
             mapping past its end would raise SIGBUS on the first read).
         """
-        if self.view is None:
+        view = self.view
+        if view is not None:
+            return view
+        with self._lock:
+            if self.view is not None:
+                return self.view
+            if self._fd < 0:
+                raise DescriptorError(f"buffer {self.name}: closed (its link has ended)")
             st = os.fstat(self._fd)
             if st.st_size < self.size:
                 raise DescriptorError(
@@ -448,16 +498,17 @@ class PeerBuffer:
                     f"not the {self.size} its owner announced"
                 )
             mapping = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-            self.view = np.frombuffer(mapping, dtype=np.uint8)
+            view = self.view = np.frombuffer(mapping, dtype=np.uint8)
             os.close(self._fd)  # the mmap object keeps a descriptor of its own
             self._fd = -1
-        return self.view
+        return view
 
     def close(self) -> None:
-        self.view = None  # unmapped once no copy uses it
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            self.view = None  # unmapped once no copy uses it
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
 
 class Inbox:
@@ -595,8 +646,10 @@ class Host:
         self._buffer_size = buffer_size
         #: One attempt to fill the buffer at a time (see :meth:`fill`).
         self._fill_lock = threading.Lock()
-        #: An attempt is under way: :meth:`release` leaves the buffer to it.
+        #: An attempt is under way: :meth:`release` leaves closing to it.
         self.filling = False
+        #: Its last user has left (see :meth:`release`).
+        self.closed = False
         self._peers: dict[str, PeerBuffer] = {}
         quiet_sweep(self.directory)  # orphans of processes killed earlier
 
@@ -608,9 +661,15 @@ class Host:
             host = cls._hosts.get(path)
             if host is None:
                 host = cls._hosts[path] = Host(path, buffer_size)
+            try:
+                if host.buffer is None and host._buffer_size:
+                    host.buffer = Buffer(host.directory, host._buffer_size)
+            except BaseException:
+                if not host.users:  # nobody else holds it: close it again
+                    del cls._hosts[path]
+                    host.directory.close()
+                raise
             host.users += 1
-            if host.buffer is None and host._buffer_size:
-                host.buffer = Buffer(host.directory, host._buffer_size)
             return host
 
     def release(self) -> None:
@@ -622,10 +681,15 @@ class Host:
                 return
             if self._hosts.get(self.path) is self:
                 del self._hosts[self.path]
+            self.closed = True
+            if self.filling:  # the thread filling the buffer closes us when done
+                return
+        self._close()
+
+    def _close(self) -> None:
+        with self._lock:
             peers, self._peers = self._peers, {}
             buffer, self.buffer = self.buffer, None
-            if self.filling:  # the thread filling it destroys it when done
-                buffer = None
         for peer in peers.values():
             peer.close()
         if buffer is not None:
@@ -668,16 +732,17 @@ class Host:
             finally:
                 with self._lock:
                     self.filling = False
-                    left = self.buffer is not buffer  # everyone left meanwhile
+                    left = self.closed  # everyone left meanwhile
             if left:
-                buffer.destroy()
+                self._close()
                 return None
             return buffer if buffer.view is not None else None
 
     def peer(self, name: object, owner: Owner, size: object) -> PeerBuffer:
         """The peer buffer ``name`` (opened once per host)."""
+        name = check_name(name, owner, "b")  # a cached buffer is checked too
         with self._lock:
-            peer = self._peers.get(name) if isinstance(name, str) else None
+            peer = self._peers.get(name)
             if peer is None:
                 peer = PeerBuffer(self.directory, name, owner, size)
                 self._peers[peer.name] = peer

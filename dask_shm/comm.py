@@ -39,10 +39,10 @@ from distributed.utils import ensure_memoryview, nbytes, offload
 from tornado import gen
 
 from dask_shm import family, metrics, stats
-from dask_shm.buffers import Buffer, Host, Inbox, Outbox, PeerBuffer, read_remote
+from dask_shm.buffers import Host, Inbox, Outbox, PeerBuffer, running_loop, read_remote
 from dask_shm.config import Settings, settings
 from dask_shm.descriptor import INLINE, decode, encode
-from dask_shm.errors import BufferMissing, DescriptorError, ShmFull
+from dask_shm.errors import DescriptorError, ShmFull
 from dask_shm.janitor import quiet_sweep
 from dask_shm.names import Owner, create_probe, current_owner, read_probe
 
@@ -109,6 +109,10 @@ class Link:
         #: only once they are in the stream (``drained``).
         self.direct = 0
         self.drained: asyncio.Future[None] | None = None
+        #: The comm's loop, which a finalizer hands the link's end to.
+        self.loop = running_loop()
+        #: Ends the link if its comm is dropped unclosed (see _later).
+        self.finalizer: weakref.finalize[Any, Any] | None = None
         self._open = True
 
     def written_direct(self) -> None:
@@ -124,14 +128,19 @@ class Link:
         if not self._open:
             return
         self._open = False
-        buffer = self.host.buffer
-        if self.outbox is not None and buffer is not None:
-            buffer.retire(self.outbox)
+        if self.finalizer is not None:
+            self.finalizer.detach()
         if self.inbox is not None:
             self.host.drop_inbox(self.inbox)
         if not self.peer.alive():  # killed with -9: its files are orphans now
             quiet_sweep(self.host.directory, owner=self.peer)
-        self.host.release()
+        buffer = self.host.buffer
+        if self.outbox is not None and buffer is not None:
+            # Our use of the host ends once the peer has released what it
+            # may still read (at once if nothing).
+            buffer.retire(self.outbox, self.host.release)
+        else:
+            self.host.release()
 
     def __repr__(self) -> str:
         return f"<Link {self.host.path} peer pid {self.peer.pid}>"
@@ -152,6 +161,8 @@ class _Handshake:
         self.pipe: str | None = None
         self.pipe_fd = -1
         self.finalizer: weakref.finalize[Any, Any] | None = None
+        #: The loop of the comm, which a finalizer hands its work to.
+        self.loop = running_loop()
         self._done = False
         self._abandoned = False
         if host.buffer is not None:
@@ -193,7 +204,7 @@ class _Handshake:
         if fd >= 0:
             os.close(fd)
         if from_finalizer:
-            _later(self.host.release)
+            _later(self.host.release, self.loop)
         else:
             self.host.release()
 
@@ -442,7 +453,7 @@ class SHM(TCP):
             "owner": current_owner().as_tuple(),
             "relay": not self.deserialize,
             "buffer": None if host.buffer is None else host.buffer.name,
-            "size": conf.buffer_size,
+            "size": None if host.buffer is None else host.buffer.size,
             "release": hs.pipe,
             "memory": ctypes.addressof(hs.memory) if conf.single_copy else None,
         }
@@ -522,7 +533,7 @@ class SHM(TCP):
         self._link = link = Link(host, peer, outbox, inbox, bool(theirs.get("relay")), hs.conf)
         link.single_copy = single_copy and outbox is not None
         stats.count("handshake-shm")
-        weakref.finalize(self, _close_later, link)
+        link.finalizer = weakref.finalize(self, _later, link.close, link.loop)
 
     @staticmethod
     def _open_inbox(host: Host, peer: Owner, theirs: dict[str, Any]) -> Inbox:
@@ -642,7 +653,10 @@ class SHM(TCP):
                 link.pump = asyncio.ensure_future(self._pump(link))
             return total
         except CommClosedError:
-            self._release()
+            # Refused because close() has begun: close() delivers what was
+            # accepted before, so the link stays until it has.
+            if self.closed():
+                self._release()
             raise
 
     async def _pump(self, link: Link) -> None:
@@ -795,8 +809,7 @@ class SHM(TCP):
                 deserializers=deserializers,
                 allow_offload=self.allow_offload,
             )
-        except (DescriptorError, BufferMissing) as e:
-            # From our descriptor or from the "shm" family's header.
+        except DescriptorError as e:
             self.abort()
             raise CommClosedError(f"in {self}: {e}") from e
         except EOFError as e:
@@ -916,24 +929,18 @@ def _current_task() -> asyncio.Task[Any] | None:
         return None
 
 
-def _later(release: Callable[[], None]) -> None:
+def _later(release: Callable[[], None], loop: asyncio.AbstractEventLoop | None) -> None:
     """Run ``release`` soon, from a finalizer: it takes locks, and the
-    garbage collector may run a finalizer while this thread holds one.
-    Handed to the running event loop (a lock-free hand-off), else left for
-    the next :class:`Host` operation."""
-    try:
-        asyncio.get_running_loop().call_soon_threadsafe(release)
-    except RuntimeError:
-        Host.defer(release)
-
-
-def _close_later(link: Link) -> None:
-    """A linked comm was dropped without closing (a finalizer)."""
-    if link.inbox is not None:
-        # No copy can be under way: the coroutine doing it would hold the comm.
-        link.inbox.closed = True
-        link.inbox._close_pipe()
-    _later(link.close)
+    garbage collector may run a finalizer in any thread, while that thread
+    holds one.  Handed to ``loop`` (the comm's; a lock-free hand-off) while
+    it runs, else left for the next :class:`Host` operation."""
+    if loop is not None and loop.is_running():
+        try:
+            loop.call_soon_threadsafe(release)
+            return
+        except RuntimeError:  # closed meanwhile
+            pass
+    Host.defer(release)
 
 
 class SHMConnector(TCPConnector):

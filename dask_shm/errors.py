@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ShmError", "ShmFull", "DescriptorError", "BufferMissing"]
+__all__ = ["ShmError", "ShmFull", "DescriptorError"]
 
 
 class ShmError(Exception):
@@ -17,6 +17,3 @@ class DescriptorError(ShmError, ValueError):
     """What a peer sent is invalid (a descriptor, a name, a file it names);
     it was refused before anything it names was read or mapped."""
 
-
-class BufferMissing(ShmError, FileNotFoundError):
-    """A file a peer named does not exist (it exited, or a janitor ran)."""

@@ -106,7 +106,7 @@ class FileInfo:
 
 
 def _scan(directory: Directory) -> Iterator[tuple[str, Owner, str]]:
-    for entry in os.scandir(directory.path):
+    for entry in os.scandir(directory.fd):  # the directory we opened, not a path
         if entry.name.startswith(PREFIX):
             try:
                 owner, kind = parse_name(entry.name)

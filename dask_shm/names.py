@@ -76,6 +76,8 @@ class Owner:
         if info is None:
             return False
         state, start = info
+        if start == -1:  # it exists, but we may not read its start time
+            return True
         return state not in ("Z", "X") and start == self.start
 
     def as_tuple(self) -> tuple[int, int, int]:

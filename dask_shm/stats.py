@@ -48,20 +48,28 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections import Counter
+from collections import Counter, deque
 
 __all__ = ["count", "Tally", "snapshot", "reset"]
 
 _counts: Counter[str] = Counter()
-#: Reentrant: a Tally's finalizer may run during garbage collection
-#: triggered while this thread holds it.
-_lock = threading.RLock()
+_lock = threading.Lock()
 _tallies: weakref.WeakSet[Tally] = weakref.WeakSet()
+#: Counts of tallies that died, appended without a lock (a finalizer may run
+#: while this thread holds ``_lock``) and folded in under it.
+_dead: deque[tuple[str, int]] = deque()
 
 
 def count(name: str, n: int = 1) -> None:
     """Add ``n`` to counter ``name``."""
     with _lock:
+        _counts[name] += n
+
+
+def _fold() -> None:
+    """Add what dead tallies left (``_lock`` held)."""
+    while _dead:
+        name, n = _dead.popleft()
         _counts[name] += n
 
 
@@ -83,9 +91,8 @@ class Tally:
             _tallies.add(self)
 
     def __del__(self) -> None:
-        with _lock:
-            _counts[self.name] += self.n
-            self.n = 0
+        if self.n:
+            _dead.append((self.name, self.n))
 
 
 def snapshot() -> dict[str, int]:
@@ -93,6 +100,7 @@ def snapshot() -> dict[str, int]:
     from dask_shm.buffers import info
 
     with _lock:
+        _fold()
         totals = _counts.copy()
         for t in list(_tallies):
             totals[t.name] += t.n
@@ -104,6 +112,7 @@ def snapshot() -> dict[str, int]:
 def reset() -> None:
     """Set every counter to zero (for tests and benchmarks)."""
     with _lock:
+        _dead.clear()
         _counts.clear()
         for t in list(_tallies):
             t.n = 0

@@ -130,6 +130,32 @@ async def send(args: list[str]) -> None:
     done()
 
 
+async def write_and_close(args: list[str]) -> None:
+    """Connect, write one message of ``args[1]`` bytes (``payload``) and close
+    the comm at once: this process's last.  Then drop the message, fill
+    memory with other bytes, print READY (the test's end reads the message
+    only now) and wait until this process has let go of shared memory (its
+    peer released what it read): report what is left of ours."""
+    import gc
+
+    from dask_shm.buffers import Host
+    from tests.conftest import our_fds
+
+    comm = await connect(args[0])
+    n = int(args[1])
+    await comm.write({"x": to_serialize(payload(n))})
+    await comm.close()
+    gc.collect()
+    junk = [np.full(n, 0xAA, dtype=np.uint8) for _ in range(2)]  # reuse what was freed
+    say("READY")
+    for _ in range(3000):  # until the peer has read and released (30 s at most)
+        if not Host._hosts:
+            break
+        await asyncio.sleep(0.01)
+    del junk
+    done(hosts=len(Host._hosts), fds=our_fds())
+
+
 async def receive(args: list[str]) -> None:
     """Connect and read messages until the comm closes, checking each
     against ``payload``; with ``--die-at N``, be killed at the N-th copy out
@@ -390,7 +416,7 @@ def cancel_handshake(args: list[str]) -> None:
 
 ROLES = {
     f.__name__.replace("_", "-"): f
-    for f in (echo, client, send, receive, serve_send, serve_receive, hold, announce_size,
+    for f in (echo, client, send, write_and_close, receive, serve_send, serve_receive, hold, announce_size,
               offload, mid_stream, cancel_handshake)
 }
 

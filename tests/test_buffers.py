@@ -65,6 +65,16 @@ class Pipe:
             self.write_fd = -1
 
 
+class Ended:
+    """What a retired link's end does (see Buffer.retire): counted."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self) -> None:
+        self.n += 1
+
+
 @pytest.fixture
 def pipes(directory: Directory, buffer: Buffer) -> Iterator[list[Pipe]]:
     made = [Pipe(directory, buffer) for _ in range(2)]
@@ -114,8 +124,9 @@ def test_a_receiver_hanging_up_frees_all_its_link_held(buffer: Buffer, pipes: li
     assert a.box.closed and not a.box.inflight
     assert buffer.place(a.box, 10) is None  # nobody reads that link any more
     assert list(b.box.inflight)[0] == 0
-    buffer.retire(a.box)
-    assert a.box not in buffer._outboxes
+    ended = Ended()
+    buffer.retire(a.box, ended)
+    assert a.box not in buffer._outboxes and ended.n == 1
 
 
 def test_a_link_holds_at_most_what_its_pipe_can_release(buffer: Buffer, pipes: list[Pipe]) -> None:
@@ -184,8 +195,9 @@ def test_the_watching_loop_frees_releases_and_the_pipe_closes_once_from_any_thre
             lt.stop()
         if loop_state == "closed":
             lt.loop.close()
-        buffer.retire(box)  # nothing in flight: it closes now, from this thread
-        assert box.closed
+        ended = Ended()
+        buffer.retire(box, ended)  # nothing in flight: it closes now, from this thread
+        assert box.closed and ended.n == 1
         assert wait_for(lambda: box.fd == -1 and box.loop is None)
     finally:
         if write >= 0:
@@ -204,6 +216,32 @@ def test_a_receiver_that_hangs_up_unwatches_its_pipe(directory: Directory, buffe
         assert wait_for(lambda: box.closed and box.fd == -1 and box.loop is None)
         assert not box.inflight
     finally:
+        lt.close()
+
+
+def test_a_retired_link_keeps_what_its_receiver_may_read_until_it_is_released(
+    directory: Directory, buffer: Buffer
+) -> None:
+    """A comm that closes right after a write: its region and its frame read
+    in place stay reserved, and the link's end (its hold on the host) waits,
+    until the receiver releases them; then all goes at once, on the loop."""
+    lt = LoopThread()
+    write = -1
+    try:
+        box, write = _watched_pipe(directory, buffer, lt)
+        frame = memoryview(bytearray(b"frame"))
+        assert buffer.place(box, 1000) == 0 and buffer.pin(box, [frame])
+        ended = threading.Event()
+        buffer.retire(box, ended.set)
+        assert not ended.is_set() and not box.closed
+        assert list(box.pinned) == [frame] and buffer.in_use() == 1024
+        os.write(write, b"\0\0")  # the receiver has read both
+        assert ended.wait(10)
+        assert box.closed and not box.pinned and buffer.in_use() == 0
+        assert wait_for(lambda: box.fd == -1)
+    finally:
+        if write >= 0:
+            os.close(write)
         lt.close()
 
 
@@ -230,9 +268,10 @@ def test_regions_in_flight_never_overlap(
     finally:
         for p in pipes:
             p.hang_up()
+            ended = Ended()
             for _ in range(2):  # release bytes, then the end of file
-                buffer.retire(p.box)
-            assert p.box.closed
+                buffer.retire(p.box, ended)
+            assert p.box.closed and ended.n == 1
     assert buffer.in_use() == 0
 
 

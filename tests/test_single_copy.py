@@ -214,3 +214,41 @@ def test_the_sender_lets_go_of_frames_once_they_are_read() -> None:
                 await comm.close()
 
     run(main())
+
+
+def test_a_message_written_just_before_the_last_comm_closes_is_read_intact() -> None:
+    """A process writes a large message, closes its last comm at once and
+    drops the message; its peer reads only afterwards.  The frames stay
+    pinned, and the process's shared memory stays open, until the peer has
+    released them: TCP delivers what was written before a close, so must we.
+    Then nothing of ours is left in that process."""
+    from .conftest import peer
+    from .peers import payload
+
+    n = 20 * 10**6
+
+    async def main() -> None:
+        go = asyncio.Event()
+        got: asyncio.Queue[object] = asyncio.Queue()
+
+        async def handler(comm: Comm) -> None:
+            await go.wait()
+            try:
+                x = (await comm.read())["x"]
+                await got.put(bool((x == payload(len(x))).all()))
+            except Exception as e:  # noqa: BLE001  (whatever it raised is the result)
+                await got.put(repr(e))
+            finally:
+                await comm.close()
+
+        async with listen("shm://127.0.0.1:0", handler) as listener:
+            async with peer("write-and-close", listener.contact_address, str(n)) as p:
+                await p.ready()
+                go.set()
+                assert await asyncio.wait_for(got.get(), 30) is True
+                report = await p.done()
+                assert report["single-copy-messages"] == 1, report
+                assert report["hosts"] == 0 and report["fds"] == [], report
+                assert p.files() == []
+
+    run(main())
