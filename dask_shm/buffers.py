@@ -102,7 +102,7 @@ logger = logging.getLogger(__name__)
 #: Regions one link may have in flight: one release byte each must fit in
 #: the pipe without blocking the receiver (POSIX guarantees PIPE_BUF, 4096).
 PIPE_REGIONS = 4096
-#: An entry of an outbox for a frame read in place, not a buffer region.
+#: An entry of an outbox for a message read in place, not a buffer region.
 PINNED = -1
 #: Regions start on cache-line boundaries, so copies into them are aligned.
 ALIGN = 64
@@ -241,16 +241,16 @@ class Buffer:
         return offset
 
     def pin(self, box: Outbox, frames: Sequence[memoryview]) -> bool:
-        """Keep ``frames`` alive until the receiver has read them in place
-        from this process's memory (single copy) and released them.  False
-        if ``box`` has closed: nothing would release them.  (What the
+        """Keep a message's ``frames`` alive until the receiver has read them
+        in place from this process's memory (single copy) and released them
+        (one release byte).  False if ``box`` has closed (nothing would
+        release them) or holds ``PIPE_REGIONS`` entries already.  (What the
         receiver releases, the loop watching the pipe frees: no poll here.)"""
-        frames = [f for f in frames if f.nbytes]
         with self._lock:
-            if box.closed:
+            if box.closed or len(box.inflight) >= PIPE_REGIONS:
                 return False
-            box.inflight.extend([PINNED] * len(frames))
-            box.pinned.extend(frames)
+            box.inflight.append(PINNED)
+            box.pinned.append(list(frames))
             return True
 
     async def wait(self, box: Outbox, seen: int) -> None:
@@ -352,7 +352,7 @@ class Outbox:
         #: closed only after that, so its number is never reused under the
         #: loop's registration.
         self.loop: asyncio.AbstractEventLoop | None = loop
-        #: Buffer offsets, or PINNED for a frame a receiver reads in place.
+        #: Buffer offsets, or PINNED for a message a receiver reads in place.
         self.inflight: deque[int] = deque()
         self.closed = False
         #: Its comm has ended (see :meth:`Buffer.retire`).
@@ -360,8 +360,8 @@ class Outbox:
         #: Run once it closes, queued on ``_on_closed`` (see Buffer.retire).
         self.then: Callable[[], None] | None = None
         self._on_closed = closed
-        #: Frames read in place, in the order of their PINNED entries.
-        self.pinned: deque[memoryview] = deque()
+        #: The frames of messages read in place, one list per PINNED entry.
+        self.pinned: deque[list[memoryview]] = deque()
         #: Bumped whenever regions of this link are freed, by whichever
         #: link's :meth:`Buffer.place` polled them (see :meth:`Buffer.wait`).
         self.freed = 0
@@ -543,16 +543,19 @@ class Inbox:
                 np.copyto(dst, view[start : start + dst.nbytes])
                 start += dst.nbytes
 
-        self._then_release(copy, 1)
+        self._then_release(copy)
 
     def read_in_place(self, pid: int, pairs: Sequence[tuple[int, np.ndarray]]) -> None:
-        """Copy frames the sender described in its own memory (single copy,
-        :func:`read_remote`), then release them, one byte each."""
-        self._then_release(lambda: read_remote(pid, pairs), len(pairs))
+        """Copy the frames of a message the sender described in its own
+        memory (single copy, :func:`read_remote`), then release them (one
+        byte)."""
+        self._then_release(lambda: read_remote(pid, pairs))
 
-    def _then_release(self, copy: Callable[[], None], n: int) -> None:
-        """Run ``copy``, then release ``n`` entries; if the link closed
-        meanwhile, close the pipe instead (once no other copy runs)."""
+    def _then_release(self, copy: Callable[[], None]) -> None:
+        """Run ``copy``, then release its entry (one byte: with at most
+        ``PIPE_REGIONS`` in flight it never blocks and is never split); if
+        the link closed meanwhile, close the pipe instead (once no other
+        copy runs)."""
         with self._lock:
             self._copying += 1
         try:
@@ -562,7 +565,7 @@ class Inbox:
                 self._copying -= 1
                 if not self.closed:
                     try:
-                        os.write(self._pipe, b"\0" * n)
+                        os.write(self._pipe, b"\0")
                     except BrokenPipeError:
                         pass  # the sender is gone: nobody to release to
                 elif not self._copying:

@@ -716,7 +716,9 @@ class SHM(TCP):
         outbox = link.outbox
         buffer = link.host.buffer
         assert outbox is not None
-        if buffer is None or not buffer.pin(outbox, views):  # closed meanwhile
+        # Not pinned: the receiver hung up meanwhile, or has PIPE_REGIONS
+        # messages of this link still to read.
+        if buffer is None or not buffer.pin(outbox, views):
             await self._write_plain(views)
             stats.count("tcp-messages")
             stats.count("tcp-bytes", sum(v.nbytes for v in views))

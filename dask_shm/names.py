@@ -232,19 +232,25 @@ class Directory:
         always gets through."""
         from dask_shm.janitor import forget
 
-        forget(name)
         try:
             os.unlink(name, dir_fd=self.fd)
+            forget(name)
             return True
         except FileNotFoundError:
+            forget(name)
             return False
         except (IsADirectoryError, PermissionError):  # Linux says EISDIR or EPERM
             try:
                 os.rmdir(name, dir_fd=self.fd)
+                forget(name)
                 return True
             except OSError as e:
-                logger.warning("dask-shm: cannot remove %s from %s: %s", name, self.path, e)
-                return False
+                problem: OSError = e
+        except OSError as e:
+            problem = e
+        # Still ours to remove at exit (or the janitor's, after it).
+        logger.warning("dask-shm: cannot remove %s from %s: %s", name, self.path, problem)
+        return False
 
 
 def create_probe(directory: Directory) -> tuple[str, str]:

@@ -129,6 +129,23 @@ def test_a_receiver_hanging_up_frees_all_its_link_held(buffer: Buffer, pipes: li
     assert a.box not in buffer._outboxes and ended.n == 1
 
 
+def test_a_message_read_in_place_is_one_release_whatever_its_frames(
+    buffer: Buffer, pipes: list[Pipe]
+) -> None:
+    """A message of more frames than the pipe holds bytes is one entry, one
+    release byte; a link with PIPE_REGIONS messages unreleased refuses more
+    (the message goes over TCP) rather than block its receiver's release."""
+    a = pipes[0]
+    many = [memoryview(bytearray(8)) for _ in range(2 * PIPE_REGIONS)]
+    assert buffer.pin(a.box, many)
+    for _ in range(PIPE_REGIONS - 1):
+        assert buffer.pin(a.box, many[:1])
+    assert not buffer.pin(a.box, many[:1])
+    a.release(PIPE_REGIONS)
+    assert buffer.place(a.box, 1) == 0  # its poll freed every message
+    assert not a.box.pinned and list(a.box.inflight) == [0]
+
+
 def test_a_link_holds_at_most_what_its_pipe_can_release(buffer: Buffer, pipes: list[Pipe]) -> None:
     """One release byte per region must fit in the pipe without blocking."""
     a = pipes[0]
@@ -234,7 +251,7 @@ def test_a_retired_link_keeps_what_its_receiver_may_read_until_it_is_released(
         ended = threading.Event()
         buffer.retire(box, ended.set)
         assert not ended.is_set() and not box.closed
-        assert list(box.pinned) == [frame] and buffer.in_use() == 1024
+        assert list(box.pinned) == [[frame]] and buffer.in_use() == 1024
         os.write(write, b"\0\0")  # the receiver has read both
         assert ended.wait(10)
         assert box.closed and not box.pinned and buffer.in_use() == 0
