@@ -18,7 +18,7 @@ makes them go straight to and from the workers.  With ``LocalCluster`` the
 scheduler runs in this process, so the counters printed for "this process"
 include its relaying.
 
-Arrays below ``dask-shm.threshold`` (8 MiB) travel over TCP as usual;
+Arrays below ``dask-shm.threshold`` (4 MiB) travel over TCP as usual;
 larger ones bypass it from the first call.
 
 Run it (``--protocol tcp`` for comparison)::

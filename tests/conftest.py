@@ -153,7 +153,7 @@ def no_leaks() -> Iterator[None]:
     assert not threads, f"threads of ours left running: {threads}"
 
 
-#: The threshold tests run with (the default, 8 MiB, would send most test
+#: The threshold tests run with (the default, 4 MiB, would send most test
 #: payloads over TCP).
 TEST_THRESHOLD = "1 MiB"
 

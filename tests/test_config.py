@@ -31,7 +31,7 @@ MiB = 2**20
 DEFAULTS = Settings(
     enabled=True,
     directory="/dev/shm",
-    threshold=8 * MiB,
+    threshold=4 * MiB,
     buffer_size=64 * MiB,
     fragment_size=8 * MiB,
     single_copy=True,
@@ -119,12 +119,12 @@ def test_distributed_test_utilities_keep_the_defaults(tmp_path: Path) -> None:
         """
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
-    env["DASK_DASK_SHM__THRESHOLD"] = "4MiB"
+    env["DASK_DASK_SHM__THRESHOLD"] = "2MiB"
     proc = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == repr(dataclasses.replace(DEFAULTS, threshold=4 * MiB))
+    assert proc.stdout.strip() == repr(dataclasses.replace(DEFAULTS, threshold=2 * MiB))
 
 
 def test_zero_buffer_size_needs_no_fragment_size() -> None:
