@@ -717,8 +717,8 @@ class Host:
         needs the buffer tries again: room freed by other processes is used
         as soon as it is there, and links that never need the buffer
         (single copy) are not affected.  Blocking (run it off the event
-        loop); one thread tries at a time, the others wait for its outcome
-        and see it."""
+        loop); one thread tries at a time: the others wait, then find the
+        buffer filled or try in turn (a full directory fails at once)."""
         with self._fill_lock:
             with self._lock:
                 buffer = self.buffer
