@@ -139,7 +139,7 @@ async def write_and_close(args: list[str]) -> None:
     import gc
 
     from dask_shm.buffers import Host
-    from tests.conftest import our_fds
+    from tests.conftest import our_fds, until
 
     comm = await connect(args[0])
     n = int(args[1])
@@ -148,10 +148,7 @@ async def write_and_close(args: list[str]) -> None:
     gc.collect()
     junk = [np.full(n, 0xAA, dtype=np.uint8) for _ in range(2)]  # reuse what was freed
     say("READY")
-    for _ in range(3000):  # until the peer has read and released (30 s at most)
-        if not Host._hosts:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: not Host._hosts, 30)  # the peer has read and released
     del junk
     done(hosts=len(Host._hosts), fds=our_fds())
 
