@@ -257,19 +257,17 @@ class Buffer:
         """Wait until regions of ``box`` are freed after ``seen`` (its
         ``freed`` count when a :meth:`place` failed): by its receiver's
         release, which the event loop watching the pipe reads (see
-        :meth:`attach`), or by any link's poll meanwhile."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        :meth:`attach`), or by any link's poll meanwhile.  Waiters share
+        one future (a stream and a closing comm may wait together)."""
         with self._lock:
             if box.freed != seen or box.closed:
                 return
             if box.loop is None:  # nothing would ever wake us
                 raise RuntimeError(f"no event loop watches the release pipe of {box}")
-            box._waiter = future
-        try:
-            await future
-        finally:
-            with self._lock:
-                box._waiter = None
+            future = box._waiter
+            if future is None:
+                future = box._waiter = asyncio.get_running_loop().create_future()
+        await asyncio.shield(future)  # one waiter cancelled leaves the others waiting
 
     def _on_release(self, box: Outbox) -> None:
         """The release pipe is readable (the event loop calls this)."""

@@ -115,6 +115,15 @@ class Link:
         self.finalizer: weakref.finalize[Any, Any] | None = None
         self._open = True
 
+    async def read_in_place(self) -> None:
+        """Wait until the peer has read what it reads in place from our
+        memory (or hung up).  ``TCP.close`` returns once the kernel holds
+        every byte written, so a process may exit right after it; frames
+        read in place live in this process until released."""
+        box, buffer = self.outbox, self.host.buffer
+        while box is not None and buffer is not None and box.pinned and not box.closed:
+            await buffer.wait(box, box.freed)
+
     def written_direct(self) -> None:
         """A write straight to TCP has ended: wake a stream waiting for it."""
         self.direct -= 1
@@ -392,8 +401,10 @@ class SHM(TCP):
     frame's address, the receiver copies the frames straight into its own
     memory (one copy, by the kernel) and releases them through the release
     pipe.  Our write returns at once, as ``TCP.write`` does, and the frames
-    stay pinned, unchanged, until released.  A relay therefore adds one copy
-    over a direct transfer.
+    stay pinned, unchanged, until released; ``close`` waits for that, as
+    ``TCP.close`` waits until the kernel holds every byte written (a
+    process may exit right after).  A relay therefore adds one copy over a
+    direct transfer.
 
     **Messages.**  After a successful handshake, a message that may reach
     ``dask-shm.threshold`` bytes is serialized here, without sharding.  If
@@ -915,6 +926,8 @@ class SHM(TCP):
             while link is not None and link.pump is not None and not self.closed():
                 # What write() accepted is delivered, as TCP.close flushes.
                 yield asyncio.wait([link.pump])
+            if link is not None and not self.closed():
+                yield link.read_in_place()
             yield super().close()
         finally:
             self._release()

@@ -130,12 +130,18 @@ async def send(args: list[str]) -> None:
     done()
 
 
-async def write_and_close(args: list[str]) -> None:
-    """Connect, write one message of ``args[1]`` bytes (``payload``) and close
-    the comm at once: this process's last.  Then drop the message, fill
-    memory with other bytes, print READY (the test's end reads the message
-    only now) and wait until this process has let go of shared memory (its
-    peer released what it read): report what is left of ours."""
+async def write_and_end(args: list[str]) -> None:
+    """Connect, write one message of ``args[1]`` bytes (``payload``), then end
+    the comm, this process's last, as ``args[2]`` says:
+
+    - ``close``: print READY, close (it returns once the peer has read what
+      it reads in place, as ``TCP.close`` returns once the kernel holds
+      every byte) and exit at once, with no cleanup at exit;
+    - ``abort`` (which does not wait): drop the message, fill memory with
+      other bytes, print READY, wait until this process has let go of
+      shared memory (its peer released what it read) and report what is
+      left of ours.
+    """
     import gc
 
     from dask_shm.buffers import Host
@@ -144,7 +150,11 @@ async def write_and_close(args: list[str]) -> None:
     comm = await connect(args[0])
     n = int(args[1])
     await comm.write({"x": to_serialize(payload(n))})
-    await comm.close()
+    if args[2] == "close":
+        say("READY")
+        await comm.close()
+        os._exit(0)
+    comm.abort()
     gc.collect()
     junk = [np.full(n, 0xAA, dtype=np.uint8) for _ in range(2)]  # reuse what was freed
     say("READY")
@@ -413,7 +423,7 @@ def cancel_handshake(args: list[str]) -> None:
 
 ROLES = {
     f.__name__.replace("_", "-"): f
-    for f in (echo, client, send, write_and_close, receive, serve_send, serve_receive, hold, announce_size,
+    for f in (echo, client, send, write_and_end, receive, serve_send, serve_receive, hold, announce_size,
               offload, mid_stream, cancel_handshake)
 }
 

@@ -216,23 +216,30 @@ def test_the_sender_lets_go_of_frames_once_they_are_read() -> None:
     run(main())
 
 
-def test_a_message_written_just_before_the_last_comm_closes_is_read_intact() -> None:
-    """A process writes a large message, closes its last comm at once and
-    drops the message; its peer reads only afterwards.  The frames stay
-    pinned, and the process's shared memory stays open, until the peer has
-    released them: TCP delivers what was written before a close, so must we.
-    Then nothing of ours is left in that process."""
+@pytest.mark.parametrize("end", ["close", "abort"])
+def test_a_message_written_just_before_the_last_comm_ends_is_read_intact(end: str) -> None:
+    """A process writes a large message and ends its last comm at once; its
+    peer starts reading only then.
+
+    - ``close`` returns only once the peer has read it, as ``TCP.close``
+      returns once the kernel holds every byte: the process exits right
+      after, and the message still arrives; it left nothing behind.
+    - ``abort`` returns at once; the process drops the message and reuses
+      its memory, and the message still arrives intact: its frames stay
+      pinned, and the process's shared memory open, until released; then
+      nothing of ours is left there.
+    """
     from .conftest import peer
     from .peers import payload
 
     n = 20 * 10**6
 
     async def main() -> None:
-        go = asyncio.Event()
+        ready = asyncio.Event()
         got: asyncio.Queue[object] = asyncio.Queue()
 
         async def handler(comm: Comm) -> None:
-            await go.wait()
+            await ready.wait()
             try:
                 x = (await comm.read())["x"]
                 await got.put(bool((x == payload(len(x))).all()))
@@ -242,13 +249,16 @@ def test_a_message_written_just_before_the_last_comm_closes_is_read_intact() -> 
                 await comm.close()
 
         async with listen("shm://127.0.0.1:0", handler) as listener:
-            async with peer("write-and-close", listener.contact_address, str(n)) as p:
+            async with peer("write-and-end", listener.contact_address, str(n), end) as p:
                 await p.ready()
-                go.set()
+                ready.set()
                 assert await asyncio.wait_for(got.get(), 30) is True
-                report = await p.done()
-                assert report["single-copy-messages"] == 1, report
-                assert report["hosts"] == 0 and report["fds"] == [], report
+                if end == "close":
+                    assert await asyncio.wait_for(p.proc.wait(), 30) == 0, p.stderr()
+                else:
+                    report = await p.done()
+                    assert report["single-copy-messages"] == 1, report
+                    assert report["hosts"] == 0 and report["fds"] == [], report
                 assert p.files() == []
 
     run(main())
