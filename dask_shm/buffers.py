@@ -135,7 +135,7 @@ class Buffer:
         self._outboxes: set[Outbox] = set()
         #: What closed outboxes leave to run once the lock is released (see
         #: :meth:`retire`); appended to under the lock.
-        self._closed: deque[Callable[[], None]] = deque()
+        self._closed_jobs: deque[Callable[[], None]] = deque()
 
     def __repr__(self) -> str:
         return f"<Buffer {self.name} {self.size} bytes>"
@@ -186,7 +186,7 @@ class Buffer:
             outboxes, self._outboxes = self._outboxes, set()
             for box in outboxes:
                 box.close()
-            self._closed.clear()  # the host they held is being closed
+            self._closed_jobs.clear()  # the host they held is being closed
         self.directory.unlink(self.name)
         if self._fd >= 0:
             os.close(self._fd)
@@ -286,7 +286,7 @@ class Buffer:
         application's memory) go at once.  Without a running loop (tests
         driving the buffer by hand) releases are read by :meth:`place`."""
         loop = running_loop()
-        box = Outbox(fd, loop, self._closed)
+        box = Outbox(fd, loop, self._closed_jobs)
         with self._lock:
             self._tidy()
             self._outboxes.add(box)
@@ -316,9 +316,9 @@ class Buffer:
     def _after_close(self) -> None:
         """Run what outboxes closed under the lock left to do (it may take
         locks, the buffer's included)."""
-        while self._closed:
+        while self._closed_jobs:
             try:
-                job = self._closed.popleft()
+                job = self._closed_jobs.popleft()
             except IndexError:  # another thread took it
                 return
             job()
@@ -343,7 +343,7 @@ class Outbox:
         self,
         fd: int,
         loop: asyncio.AbstractEventLoop | None,
-        closed: deque[Callable[[], None]] | None = None,
+        on_closed: deque[Callable[[], None]] | None = None,
     ) -> None:
         self.fd = fd
         #: The event loop watching ``fd`` (None once it stopped).  The fd is
@@ -357,7 +357,7 @@ class Outbox:
         self.retired = False
         #: Run once it closes, queued on ``_on_closed`` (see Buffer.retire).
         self.then: Callable[[], None] | None = None
-        self._on_closed = closed
+        self._on_closed = on_closed
         #: The frames of messages read in place, one list per PINNED entry.
         self.pinned: deque[list[memoryview]] = deque()
         #: Bumped whenever regions of this link are freed, by whichever

@@ -687,10 +687,9 @@ class SHM(TCP):
                 if shared and await self._filled(link):
                     await self._stream(link, views)
                     stats.count("shm-messages")
+                elif shared:  # the directory has no room for the buffer now
+                    await self._fall_back(views)
                 else:
-                    if shared:  # the directory has no room for the buffer now
-                        stats.count("tcp-messages")
-                        stats.count("tcp-bytes", sum(v.nbytes for v in views))
                     await self._write_plain(views)
                 queue.popleft()
         except CommClosedError:
@@ -718,6 +717,12 @@ class SHM(TCP):
         """Send serialized frames as they are, over TCP."""
         await super().write(_Envelope(None, *views).pickled(), on_error="raise")
 
+    async def _fall_back(self, views: list[memoryview]) -> None:
+        """Send over TCP, counted so, a message meant for shared memory."""
+        stats.count("tcp-messages")
+        stats.count("tcp-bytes", sum(v.nbytes for v in views))
+        await self._write_plain(views)
+
     async def _send_in_place(self, link: Link, views: list[memoryview]) -> None:
         """Single copy: describe the frames where they are.  Like
         ``TCP.write``, which leaves its frames queued in the stream, this
@@ -725,14 +730,12 @@ class SHM(TCP):
         copied them and must not change meanwhile (distributed never
         changes what it sends)."""
         outbox = link.outbox
-        buffer = link.host.buffer
-        assert outbox is not None
+        buffer = link.host.buffer  # a link's outbox keeps it
+        assert outbox is not None and buffer is not None
         # Not pinned: the receiver hung up meanwhile, or has PIPE_REGIONS
         # messages of this link still to read.
-        if buffer is None or not buffer.pin(outbox, views):
-            await self._write_plain(views)
-            stats.count("tcp-messages")
-            stats.count("tcp-bytes", sum(v.nbytes for v in views))
+        if not buffer.pin(outbox, views):
+            await self._fall_back(views)
             return
         fragments = [
             (np.frombuffer(v, dtype=np.uint8).ctypes.data, v.nbytes) for v in views if v.nbytes

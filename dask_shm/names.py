@@ -233,24 +233,20 @@ class Directory:
         from dask_shm.janitor import forget
 
         try:
-            os.unlink(name, dir_fd=self.fd)
-            forget(name)
-            return True
-        except FileNotFoundError:
-            forget(name)
-            return False
-        except (IsADirectoryError, PermissionError):  # Linux says EISDIR or EPERM
             try:
+                os.unlink(name, dir_fd=self.fd)
+                removed = True
+            except FileNotFoundError:
+                removed = False
+            except (IsADirectoryError, PermissionError):  # Linux says EISDIR or EPERM
                 os.rmdir(name, dir_fd=self.fd)
-                forget(name)
-                return True
-            except OSError as e:
-                problem: OSError = e
+                removed = True
         except OSError as e:
-            problem = e
-        # Still ours to remove at exit (or the janitor's, after it).
-        logger.warning("dask-shm: cannot remove %s from %s: %s", name, self.path, problem)
-        return False
+            # Still ours to remove at exit (or the janitor's, after it).
+            logger.warning("dask-shm: cannot remove %s from %s: %s", name, self.path, e)
+            return False
+        forget(name)
+        return removed
 
 
 def create_probe(directory: Directory) -> tuple[str, str]:

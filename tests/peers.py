@@ -423,8 +423,8 @@ def cancel_handshake(args: list[str]) -> None:
 
 ROLES = {
     f.__name__.replace("_", "-"): f
-    for f in (echo, client, send, write_and_end, receive, serve_send, serve_receive, hold, announce_size,
-              offload, mid_stream, cancel_handshake)
+    for f in (echo, client, send, write_and_end, receive, serve_send, serve_receive, hold,
+              announce_size, offload, mid_stream, cancel_handshake)
 }
 
 if __name__ == "__main__":

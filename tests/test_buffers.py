@@ -46,15 +46,20 @@ def buffer(directory: Directory) -> Iterator[Buffer]:
 
 class Pipe:
     """A release pipe as a link has it: the sender's outbox (read end) and
-    the receiver's write end; its name is unlinked once both are open."""
+    the receiver's write end; its name is unlinked once both are open.  The
+    outbox is attached on ``on``'s loop, which then watches the pipe, as the
+    handshake attaches it; without ``on``, in this thread, with no loop
+    (releases are read by ``place``)."""
 
-    def __init__(self, directory: Directory, buffer: Buffer) -> None:
+    def __init__(self, directory: Directory, buffer: Buffer, on: LoopThread | None = None) -> None:
         name = new_name("r")
         os.mkfifo(name, 0o600, dir_fd=directory.fd)
         read = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=directory.fd)
         self.write_fd = os.open(name, os.O_WRONLY | os.O_NONBLOCK, dir_fd=directory.fd)
         directory.unlink(name)
-        self.box: Outbox = buffer.attach(read)
+        self.box: Outbox = (
+            buffer.attach(read) if on is None else on.run(lambda: buffer.attach(read))
+        )
 
     def release(self, n: int = 1) -> None:
         os.write(self.write_fd, b"\0" * n)
@@ -156,7 +161,6 @@ def test_a_link_holds_at_most_what_its_pipe_can_release(buffer: Buffer, pipes: l
     assert buffer.place(a.box, 1) is not None
 
 
-
 class LoopThread:
     """An event loop running in a thread of its own, as a comm's loop runs
     beside the thread that closes the last comm of a process."""
@@ -182,84 +186,71 @@ class LoopThread:
         self.loop.close()
 
 
-def _watched_pipe(directory: Directory, buffer: Buffer, on: LoopThread) -> tuple[Outbox, int]:
-    """A release pipe attached on ``on``'s loop, as the handshake attaches it."""
-    name = new_name("r")
-    os.mkfifo(name, 0o600, dir_fd=directory.fd)
-    read = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=directory.fd)
-    write = os.open(name, os.O_WRONLY | os.O_NONBLOCK, dir_fd=directory.fd)
-    directory.unlink(name)
-    return on.run(lambda: buffer.attach(read)), write
+@pytest.fixture
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture
+def watched(directory: Directory, buffer: Buffer, loop_thread: LoopThread) -> Iterator[Pipe]:
+    """A release pipe whose outbox ``loop_thread``'s loop watches."""
+    p = Pipe(directory, buffer, on=loop_thread)
+    yield p
+    p.hang_up()
 
 
 @pytest.mark.parametrize("loop_state", ["running", "stopped", "closed"])
 def test_the_watching_loop_frees_releases_and_the_pipe_closes_once_from_any_thread(
-    directory: Directory, buffer: Buffer, loop_state: str
+    buffer: Buffer, watched: Pipe, loop_thread: LoopThread, loop_state: str
 ) -> None:
     """A link's loop frees what its receiver releases as the bytes arrive,
     with no call from the sender; when another thread ends the link, the
     watch stops and the pipe's descriptor is closed, whether that loop still
     runs, has stopped or is closed."""
-    lt = LoopThread()
-    write = -1
-    try:
-        box, write = _watched_pipe(directory, buffer, lt)
-        assert buffer.place(box, 1000) == 0
-        assert buffer.pin(box, [memoryview(b"frame")])
-        os.write(write, b"\0\0")
-        assert wait_for(lambda: not box.inflight and not box.pinned)
-        if loop_state != "running":
-            lt.stop()
-        if loop_state == "closed":
-            lt.loop.close()
-        ended = Ended()
-        buffer.retire(box, ended)  # nothing in flight: it closes now, from this thread
-        assert box.closed and ended.n == 1
-        assert wait_for(lambda: box.fd == -1 and box.loop is None)
-    finally:
-        if write >= 0:
-            os.close(write)
-        lt.close()
+    box = watched.box
+    assert buffer.place(box, 1000) == 0
+    assert buffer.pin(box, [memoryview(b"frame")])
+    watched.release(2)
+    assert wait_for(lambda: not box.inflight and not box.pinned)
+    if loop_state != "running":
+        loop_thread.stop()
+    if loop_state == "closed":
+        loop_thread.loop.close()
+    ended = Ended()
+    buffer.retire(box, ended)  # nothing in flight: it closes now, from this thread
+    assert box.closed and ended.n == 1
+    assert wait_for(lambda: box.fd == -1 and box.loop is None)
 
 
-def test_a_receiver_that_hangs_up_unwatches_its_pipe(directory: Directory, buffer: Buffer) -> None:
+def test_a_receiver_that_hangs_up_unwatches_its_pipe(buffer: Buffer, watched: Pipe) -> None:
     """End of file on a watched pipe frees the link's regions and ends the
     watch at once (a level-triggered reader left on it would spin)."""
-    lt = LoopThread()
-    try:
-        box, write = _watched_pipe(directory, buffer, lt)
-        assert buffer.place(box, 1000) == 0
-        os.close(write)  # the receiver died
-        assert wait_for(lambda: box.closed and box.fd == -1 and box.loop is None)
-        assert not box.inflight
-    finally:
-        lt.close()
+    box = watched.box
+    assert buffer.place(box, 1000) == 0
+    watched.hang_up()  # the receiver died
+    assert wait_for(lambda: box.closed and box.fd == -1 and box.loop is None)
+    assert not box.inflight
 
 
 def test_a_retired_link_keeps_what_its_receiver_may_read_until_it_is_released(
-    directory: Directory, buffer: Buffer
+    buffer: Buffer, watched: Pipe
 ) -> None:
     """A comm that closes right after a write: its region and its frame read
     in place stay reserved, and the link's end (its hold on the host) waits,
     until the receiver releases them; then all goes at once, on the loop."""
-    lt = LoopThread()
-    write = -1
-    try:
-        box, write = _watched_pipe(directory, buffer, lt)
-        frame = memoryview(bytearray(b"frame"))
-        assert buffer.place(box, 1000) == 0 and buffer.pin(box, [frame])
-        ended = threading.Event()
-        buffer.retire(box, ended.set)
-        assert not ended.is_set() and not box.closed
-        assert list(box.pinned) == [[frame]] and buffer.in_use() == 1024
-        os.write(write, b"\0\0")  # the receiver has read both
-        assert ended.wait(10)
-        assert box.closed and not box.pinned and buffer.in_use() == 0
-        assert wait_for(lambda: box.fd == -1)
-    finally:
-        if write >= 0:
-            os.close(write)
-        lt.close()
+    box = watched.box
+    frame = memoryview(bytearray(b"frame"))
+    assert buffer.place(box, 1000) == 0 and buffer.pin(box, [frame])
+    ended = threading.Event()
+    buffer.retire(box, ended.set)
+    assert not ended.is_set() and not box.closed
+    assert list(box.pinned) == [[frame]] and buffer.in_use() == 1024
+    watched.release(2)  # the receiver has read both
+    assert ended.wait(10)
+    assert box.closed and not box.pinned and buffer.in_use() == 0
+    assert wait_for(lambda: box.fd == -1)
 
 
 @settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)

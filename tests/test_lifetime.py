@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import dask
@@ -197,6 +197,21 @@ def test_a_buffer_that_cannot_fit_fails_before_reserving_anything(small_tmpfs: P
     assert not of_ours(small_tmpfs)
 
 
+def _warned_once(conf: dict[str, str], main: Callable[[], Awaitable[None]],
+                 caplog: pytest.LogCaptureFixture) -> str:
+    """Run ``main`` with ``conf``; the one "cannot reserve" warning it gave."""
+    with dask.config.set(conf), caplog.at_level(logging.WARNING, logger="dask_shm"):
+        asyncio.run(main())
+    full = [r for r in caplog.records if "cannot reserve" in r.getMessage()]
+    assert len(full) == 1, [r.getMessage() for r in caplog.records]
+    return full[0].getMessage()
+
+
+async def _round_trip(comm: Comm, x: np.ndarray) -> None:
+    await comm.write({"x": to_serialize(x)})
+    np.testing.assert_array_equal((await comm.read())["x"], x)
+
+
 @root_only
 def test_full_directory_falls_back_to_tcp_and_warns_once(
     small_tmpfs: Path, caplog: pytest.LogCaptureFixture
@@ -212,16 +227,11 @@ def test_full_directory_falls_back_to_tcp_and_warns_once(
                 comm = await connect(listener.contact_address)
                 assert comm.link is not None  # type: ignore[attr-defined]
                 for _ in range(2):
-                    await comm.write({"x": to_serialize(x)})
-                    np.testing.assert_array_equal((await comm.read())["x"], x)
+                    await _round_trip(comm, x)
                 await comm.close()
 
     conf = {"dask-shm.directory": str(small_tmpfs), "dask-shm.buffer-size": "128 MiB"}
-    with dask.config.set(conf), caplog.at_level(logging.WARNING, logger="dask_shm"):
-        asyncio.run(main())
-    full = [r for r in caplog.records if "cannot reserve" in r.getMessage()]
-    assert len(full) == 1, [r.getMessage() for r in caplog.records]
-    msg = full[0].getMessage()
+    msg = _warned_once(conf, main, caplog)
     assert "free of 64.0 MiB" in msg and "--shm-size" in msg and "dask-shm.directory" in msg
     counts = stats.snapshot()
     assert counts["fallback-enospc"] >= 1 and counts.get("shm-messages", 0) == 0, counts
@@ -233,11 +243,6 @@ def _occupy(path: Path, nbytes: int) -> None:
     """Another program's file, holding ``nbytes`` of the directory."""
     with open(path, "wb") as f:
         os.posix_fallocate(f.fileno(), 0, nbytes)
-
-
-async def _round_trip(comm: Comm, x: np.ndarray) -> None:
-    await comm.write({"x": to_serialize(x)})
-    np.testing.assert_array_equal((await comm.read())["x"], x)
 
 
 @root_only
@@ -265,10 +270,7 @@ def test_a_buffer_that_did_not_fit_is_filled_once_room_is_freed(
             await comm.close()
 
     conf = {"dask-shm.directory": str(small_tmpfs), "dask-shm.buffer-size": "32 MiB"}
-    with dask.config.set(conf), caplog.at_level(logging.WARNING, logger="dask_shm"):
-        asyncio.run(main())
-    full = [r for r in caplog.records if "cannot reserve" in r.getMessage()]
-    assert len(full) == 1, [r.getMessage() for r in caplog.records]
+    _warned_once(conf, main, caplog)
     assert not of_ours(small_tmpfs)
 
 
