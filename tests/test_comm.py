@@ -120,7 +120,7 @@ async def check_roundtrip(scheme: str) -> None:
         b"x" * 1000,
         np.arange(100),
         np.arange(40_000, dtype="f8"),  # 320 kB
-        np.ones((1000, 1000)),  # 8 MB: one fragment of the default buffer
+        np.ones((1000, 1000)),  # 8 MB: four fragments of the default size
         [np.arange(10**6), {"nested": np.zeros(70_000)}],
         np.arange(9 * 10**6),  # 72 MB: more than the default buffer
     ]
