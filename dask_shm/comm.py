@@ -39,7 +39,9 @@ from distributed.utils import ensure_memoryview, nbytes, offload
 from tornado import gen
 
 from dask_shm import family, metrics, stats
-from dask_shm.buffers import Host, Inbox, Outbox, PeerBuffer, running_loop, read_remote
+from dask_shm.buffers import Outbox, running_loop
+from dask_shm.host import Host, warn_full_once
+from dask_shm.inbox import Inbox, PeerBuffer, read_remote
 from dask_shm.config import Settings, settings
 from dask_shm.descriptor import INLINE, decode, encode
 from dask_shm.errors import DescriptorError, ShmFull
@@ -445,9 +447,7 @@ class SHM(TCP):
                 self._handshake = hs = _Handshake(host, conf)
             except OSError as e:  # no room even for a probe: this comm is TCP
                 if isinstance(e, ShmFull):
-                    from dask_shm.buffers import _warn_full_once
-
-                    _warn_full_once(e)
+                    warn_full_once(e)
                 else:
                     logger.warning("dask-shm: cannot create a handshake probe (%s); using TCP", e)
                 host.release()

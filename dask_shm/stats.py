@@ -97,7 +97,7 @@ class Tally:
 
 def snapshot() -> dict[str, int]:
     """All counters of this process, with its shared memory's current state."""
-    from dask_shm.buffers import info
+    from dask_shm.host import info
 
     with _lock:
         _fold()

@@ -23,8 +23,9 @@ from distributed.comm import connect, listen
 from distributed.comm.core import Comm, CommClosedError
 from distributed.protocol import to_serialize
 
-from dask_shm import buffers, stats
-from dask_shm.buffers import Buffer, Inbox
+from dask_shm import host as hosts, stats
+from dask_shm.buffers import Buffer
+from dask_shm.inbox import Inbox
 
 
 def say(*words: object) -> None:
@@ -144,7 +145,7 @@ async def write_and_end(args: list[str]) -> None:
     """
     import gc
 
-    from dask_shm.buffers import Host
+    from dask_shm.host import Host
     from tests.conftest import our_fds, until
 
     comm = await connect(args[0])
@@ -203,8 +204,8 @@ async def serve_send(args: list[str]) -> None:
             report["wrote"] = type(e).__name__
         finally:
             comm.abort()
-            report["in-flight"] = buffers.info()["buffer-in-flight"]
-            report["buffer-bytes"] = buffers.info()["buffer-bytes"]
+            report["in-flight"] = hosts.info()["buffer-in-flight"]
+            report["buffer-bytes"] = hosts.info()["buffer-bytes"]
             ended.set()
 
     async with listen("shm://127.0.0.1:0", handler) as listener, buffer_kept():
@@ -385,7 +386,7 @@ def cancel_handshake(args: list[str]) -> None:
 
     import dask
 
-    from dask_shm.buffers import Host
+    from dask_shm.host import Host
     from dask_shm.config import settings
     from tests.conftest import our_fds, ours
 

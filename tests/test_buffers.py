@@ -18,7 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dask_shm.buffers import ALIGN, PIPE_REGIONS, Buffer, Host, Inbox, Outbox, PeerBuffer
+from dask_shm.buffers import ALIGN, PIPE_REGIONS, Buffer, Outbox
+from dask_shm.host import Host
+from dask_shm.inbox import Inbox, PeerBuffer
 from dask_shm.errors import DescriptorError
 from dask_shm.names import Directory, current_owner, new_name, read_probe
 

@@ -23,10 +23,10 @@ from distributed.comm.tcp import TCP
 from distributed.protocol import to_serialize
 
 import dask_shm.comm
-from dask_shm import buffers, stats
+from dask_shm import stats
 from dask_shm.comm import SHM, SHMBackend, _Envelope, _offloads, _reaches
 from dask_shm.descriptor import INLINE, encode
-from dask_shm.names import PREFIX, Directory, Owner, current_owner, new_name
+from dask_shm.names import PREFIX, Directory, current_owner, new_name
 
 from .conftest import SHM_DIR, OpenWatch, is_root, our_fds, ours, peer, until
 from .peers import payload

@@ -20,9 +20,9 @@ from distributed.comm import connect, listen
 from distributed.comm.core import Comm
 from distributed.protocol import to_serialize
 
-import dask_shm.buffers
+import dask_shm.host
 import dask_shm.comm
-from dask_shm import buffers, stats
+from dask_shm import host as hosts, stats
 from dask_shm.buffers import Buffer
 from dask_shm.errors import ShmFull
 from dask_shm.janitor import list_files, owned_names, sweep
@@ -142,14 +142,14 @@ def test_a_message_nobody_reads_holds_its_regions_until_the_receiver_goes(shm_co
             keep = await connect(listener.contact_address)
             comm = await connect(listener.contact_address)
             await comm.write({"x": to_serialize(np.ones(4 << 20, dtype="u1"))})
-            await until(lambda: buffers.info()["buffer-in-flight"] >= 4 << 20)  # streamed
-            in_flight.append(buffers.info()["buffer-in-flight"])
+            await until(lambda: hosts.info()["buffer-in-flight"] >= 4 << 20)  # streamed
+            in_flight.append(hosts.info()["buffer-in-flight"])
             await until(lambda: len(receiving) == 2)
             [theirs] = [c for c in receiving if c.peer_address == comm.local_address]
             theirs.abort()  # the receiver goes, its message unread
             await comm.close()  # our end notices at its close at the latest
-            in_flight.append(buffers.info()["buffer-in-flight"])
-            assert buffers.info()["buffer-bytes"] > 0  # kept by the other link
+            in_flight.append(hosts.info()["buffer-in-flight"])
+            assert hosts.info()["buffer-bytes"] > 0  # kept by the other link
             await keep.close()
             for c in receiving:
                 c.abort()
@@ -168,7 +168,7 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / "shm"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=1777", "tmpfs", str(mnt)], check=True)
-    dask_shm.buffers._full_warned = False
+    dask_shm.host._full_warned = False
     try:
         yield mnt
     finally:

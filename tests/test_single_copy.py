@@ -19,7 +19,7 @@ from distributed.comm import connect, listen
 from distributed.comm.core import Comm, CommClosedError
 from distributed.protocol import to_serialize
 
-from dask_shm import buffers, stats
+from dask_shm import host as hosts, stats
 from dask_shm.comm import SHM, _Envelope
 from dask_shm.descriptor import encode
 
@@ -61,7 +61,7 @@ def test_large_messages_are_read_in_place_and_the_buffer_stays_empty() -> None:
                     assert np.array_equal(got["a"], x) and np.array_equal(got["b"], x[: n // 3])
                     assert got["c"] == b"tiny" and got["a"].flags.writeable
                 # Nothing went through the buffer: it was never reserved.
-                assert buffers.info()["buffer-bytes"] == 0
+                assert hosts.info()["buffer-bytes"] == 0
             finally:
                 await comm.close()
 

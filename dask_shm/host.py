@@ -1,0 +1,208 @@
+"""A process's shared memory in one directory, and who uses it.
+
+Every handshake and every link holds the :class:`Host` of its directory; the
+last to let go unlinks this process's buffer and unmaps the peers' (see
+:mod:`dask_shm.buffers` for the whole lifetime).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+
+from dask_shm.buffers import Buffer
+from dask_shm.errors import DescriptorError, ShmFull
+from dask_shm.inbox import Inbox, PeerBuffer
+from dask_shm.janitor import own, quiet_sweep
+from dask_shm.names import MODE, Directory, Owner, check_name, new_name
+
+__all__ = ["Host", "info", "warn_full_once"]
+
+logger = logging.getLogger(__name__)
+
+
+class Host:
+    """This process's shared memory in one directory: the directory handle,
+    its buffer, the peers' buffers it has mapped, and how many handshakes
+    and links use them.  The last user to leave tears everything down."""
+
+    _hosts: dict[str, Host] = {}
+    _lock = threading.Lock()
+    #: Work from finalizers, which must not take locks: done by the next
+    #: :meth:`acquire` or :meth:`release`.
+    _deferred: deque[Callable[[], None]] = deque()
+
+    def __init__(self, path: str, buffer_size: int) -> None:
+        self.path = path
+        self.directory = Directory(path)
+        self.users = 0
+        self.buffer: Buffer | None = None
+        self._buffer_size = buffer_size
+        #: One attempt to fill the buffer at a time (see :meth:`fill`).
+        self._fill_lock = threading.Lock()
+        #: An attempt is under way: :meth:`release` leaves closing to it.
+        self.filling = False
+        #: Its last user has left (see :meth:`release`).
+        self.closed = False
+        self._peers: dict[str, PeerBuffer] = {}
+        quiet_sweep(self.directory)  # orphans of processes killed earlier
+
+    @classmethod
+    def acquire(cls, path: str, buffer_size: int) -> Host:
+        """The host for ``path``, with one more user (opened if needed)."""
+        cls._drain()
+        with cls._lock:
+            host = cls._hosts.get(path)
+            if host is None:
+                host = cls._hosts[path] = Host(path, buffer_size)
+            try:
+                if host.buffer is None and host._buffer_size:
+                    host.buffer = Buffer(host.directory, host._buffer_size)
+            except BaseException:
+                if not host.users:  # nobody else holds it: close it again
+                    del cls._hosts[path]
+                    host.directory.close()
+                raise
+            host.users += 1
+            return host
+
+    def release(self) -> None:
+        """One user less; the last one closes everything."""
+        self._drain()
+        with self._lock:
+            self.users -= 1
+            if self.users:
+                return
+            if self._hosts.get(self.path) is self:
+                del self._hosts[self.path]
+            self.closed = True
+            if self.filling:  # the thread filling the buffer closes us when done
+                return
+        self._close()
+
+    def _close(self) -> None:
+        with self._lock:
+            peers, self._peers = self._peers, {}
+            buffer, self.buffer = self.buffer, None
+        for peer in peers.values():
+            peer.close()
+        if buffer is not None:
+            buffer.destroy()
+        self.directory.close()
+
+    @classmethod
+    def defer(cls, job: Callable[[], None]) -> None:
+        """Run ``job`` at the next :meth:`acquire` or :meth:`release`
+        (lock-free: a finalizer may call it)."""
+        cls._deferred.append(job)
+
+    @classmethod
+    def _drain(cls) -> None:
+        while cls._deferred:
+            cls._deferred.popleft()()
+
+    def fill(self) -> Buffer | None:
+        """This process's buffer, ready for messages, or None: it has none
+        (``buffer-size`` is 0), or the directory has no room for it now.
+        Then the message at hand travels over TCP, and the next one that
+        needs the buffer tries again: room freed by other processes is used
+        as soon as it is there, and links that never need the buffer
+        (single copy) are not affected.  Blocking (run it off the event
+        loop); one thread tries at a time: the others wait, then find the
+        buffer filled or try in turn (a full directory fails at once)."""
+        with self._fill_lock:
+            with self._lock:
+                buffer = self.buffer
+                if buffer is None or buffer.view is not None:
+                    return buffer
+                self.filling = True
+            try:
+                buffer.fill()
+            except ShmFull as e:
+                warn_full_once(e)
+                from dask_shm import stats
+
+                stats.count("fallback-enospc")
+            finally:
+                with self._lock:
+                    self.filling = False
+                    left = self.closed  # everyone left meanwhile
+            if left:
+                self._close()
+                return None
+            return buffer if buffer.view is not None else None
+
+    def peer(self, name: object, owner: Owner, size: object) -> PeerBuffer:
+        """The peer buffer ``name`` (opened once per host)."""
+        name = check_name(name, owner, "b")  # a cached buffer is checked too
+        with self._lock:
+            peer = self._peers.get(name)
+            if peer is None:
+                peer = PeerBuffer(self.directory, name, owner, size)
+                self._peers[peer.name] = peer
+            elif peer.size != size:
+                raise DescriptorError(f"buffer {name}: size {size!r} does not match {peer.size}")
+            peer.users += 1
+            return peer
+
+    def drop_inbox(self, inbox: Inbox) -> None:
+        """A link's inbox is done: close it and let go of its peer buffer."""
+        inbox.close()
+        self.unpeer(inbox.peer)
+
+    def unpeer(self, peer: PeerBuffer) -> None:
+        with self._lock:
+            peer.users -= 1
+            if peer.users or self._peers.get(peer.name) is not peer:
+                return
+            del self._peers[peer.name]
+        peer.close()
+
+    def new_pipe(self) -> tuple[str, int]:
+        """A fresh release pipe: (its name, our read end, non-blocking)."""
+        name = new_name("r")
+        os.mkfifo(name, MODE, dir_fd=self.directory.fd)  # fails if the name exists
+        own(self.directory, name)
+        try:
+            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(name, flags, dir_fd=self.directory.fd)
+        except BaseException:
+            self.directory.unlink(name)
+            raise
+        return name, fd
+
+    @classmethod
+    def reset_after_fork(cls) -> None:
+        # The child shares none of its parent's links; it must not unlink or
+        # reuse its parent's buffer.
+        cls._hosts = {}
+        cls._deferred = deque()
+        cls._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=Host.reset_after_fork)
+
+_full_warned = False
+
+
+def warn_full_once(exc: ShmFull) -> None:
+    global _full_warned
+    if not _full_warned:
+        _full_warned = True
+        logger.warning("dask-shm: %s (shown once per process)", exc.strerror)
+
+
+def info() -> dict[str, int]:
+    """This process's shared memory now: its buffers' bytes, the bytes in
+    flight in them, and the peer buffers it has mapped."""
+    with Host._lock:
+        hosts = list(Host._hosts.values())
+    buffers = [h.buffer for h in hosts if h.buffer is not None and h.buffer.view is not None]
+    return {
+        "buffer-bytes": sum(b.size for b in buffers),
+        "buffer-in-flight": sum(b.in_use() for b in buffers),
+        "peer-buffers": sum(len(h._peers) for h in hosts),
+    }

@@ -1,0 +1,203 @@
+"""The receiving side of a link: a peer's buffer, mapped read-only once,
+and copies out of it, or out of the sender's own memory (single copy).
+
+Who may map what, when regions are released and what a crash leaves behind
+is told once, in :mod:`dask_shm.buffers`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import itertools
+import mmap
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from dask_shm.errors import DescriptorError
+from dask_shm.names import Directory, Owner, check_file, check_name
+
+__all__ = ["PeerBuffer", "Inbox", "read_remote"]
+
+
+class PeerBuffer:
+    """A peer's buffer as a receiver sees it: opened by name once, mapped
+    read-only at its first use, shared by every link to that peer."""
+
+    def __init__(self, directory: Directory, name: object, owner: Owner, size: object) -> None:
+        self.name = check_name(name, owner, "b")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 < size < 1 << 48:
+            raise DescriptorError(f"buffer {self.name}: invalid size {size!r}")
+        self.size = size
+        # O_NONBLOCK: a FIFO planted under the name must not block us.
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.name, flags, dir_fd=directory.fd)
+        problem = check_file(os.fstat(fd), "b")
+        if problem:
+            os.close(fd)
+            raise DescriptorError(f"refusing buffer {self.name}: {problem}")
+        self._fd = fd
+        self.view: np.ndarray | None = None
+        self.users = 0
+        #: map() runs in copying threads, close() on the loop: one at a time.
+        self._lock = threading.Lock()
+
+    def map(self) -> np.ndarray:
+        """The buffer's bytes, mapped at the first call.
+
+        Raises
+        ------
+        DescriptorError
+            If the file is smaller than the size its owner announced (a
+            mapping past its end would raise SIGBUS on the first read).
+        """
+        view = self.view
+        if view is not None:
+            return view
+        with self._lock:
+            if self.view is not None:
+                return self.view
+            if self._fd < 0:
+                raise DescriptorError(f"buffer {self.name}: closed (its link has ended)")
+            st = os.fstat(self._fd)
+            if st.st_size < self.size:
+                raise DescriptorError(
+                    f"buffer {self.name} holds {st.st_size} bytes, "
+                    f"not the {self.size} its owner announced"
+                )
+            mapping = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            view = self.view = np.frombuffer(mapping, dtype=np.uint8)
+            os.close(self._fd)  # the mmap object keeps a descriptor of its own
+            self._fd = -1
+        return view
+
+    def close(self) -> None:
+        with self._lock:
+            self.view = None  # unmapped once no copy uses it
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+class Inbox:
+    """The receiving side of one link: the sender's buffer and our end of
+    its release pipe."""
+
+    def __init__(self, peer: PeerBuffer, directory: Directory, pipe: object, owner: Owner) -> None:
+        name = check_name(pipe, owner, "r")
+        # O_NONBLOCK: opening a FIFO's write end fails (ENXIO) rather than
+        # waits when nobody reads it; writes never block (see PIPE_REGIONS).
+        flags = os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(name, flags, dir_fd=directory.fd)
+        problem = check_file(os.fstat(fd), "r")
+        if problem:
+            os.close(fd)
+            raise DescriptorError(f"refusing release pipe {name}: {problem}")
+        self.peer = peer
+        self._pipe = fd
+        self._lock = threading.Lock()  # close() against a copy in another thread
+        self._copying = 0
+        self.closed = False
+
+    def copy(self, offset: int, length: int, into: list[np.ndarray]) -> None:
+        """Copy a region out into consecutive pieces of ``into`` (their sizes
+        add up to ``length``), then release it.  Bounds were validated with
+        the descriptor.  Blocking; safe in any thread."""
+        view = self.peer.map()
+
+        def copy() -> None:
+            start = offset
+            for dst in into:
+                np.copyto(dst, view[start : start + dst.nbytes])
+                start += dst.nbytes
+
+        self._then_release(copy)
+
+    def read_in_place(self, pid: int, pairs: Sequence[tuple[int, np.ndarray]]) -> None:
+        """Copy the frames of a message the sender described in its own
+        memory (single copy, :func:`read_remote`), then release them (one
+        byte)."""
+        self._then_release(lambda: read_remote(pid, pairs))
+
+    def _then_release(self, copy: Callable[[], None]) -> None:
+        """Run ``copy``, then release its entry (one byte: with at most
+        ``PIPE_REGIONS`` in flight it never blocks and is never split); if
+        the link closed meanwhile, close the pipe instead (once no other
+        copy runs)."""
+        with self._lock:
+            self._copying += 1
+        try:
+            copy()
+        finally:
+            with self._lock:
+                self._copying -= 1
+                if not self.closed:
+                    try:
+                        os.write(self._pipe, b"\0")
+                    except BrokenPipeError:
+                        pass  # the sender is gone: nobody to release to
+                elif not self._copying:
+                    self._close_pipe()
+
+    def close(self) -> None:
+        """No more regions will be read; a copy under way finishes first."""
+        with self._lock:
+            self.closed = True
+            if not self._copying:
+                self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        if self._pipe >= 0:
+            os.close(self._pipe)
+            self._pipe = -1
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_process_vm_readv = getattr(_libc, "process_vm_readv", None)
+if _process_vm_readv is not None:
+    _process_vm_readv.restype = ctypes.c_ssize_t
+#: iovecs per process_vm_readv call (Linux's IOV_MAX).
+_IOV_MAX = 1024
+
+
+def read_remote(pid: int, pairs: Sequence[tuple[int, np.ndarray]]) -> None:
+    """Copy, for each (address, destination) pair, ``destination.nbytes``
+    bytes at that address in process ``pid`` into ``destination``, with
+    ``process_vm_readv``: one copy, made by the kernel, without the sender's
+    help.  Blocking (the call releases the GIL); safe in any thread.
+
+    Raises
+    ------
+    OSError
+        ESRCH if the process is gone, EFAULT if it does not have the memory,
+        EPERM if we may not read it.
+    """
+    if _process_vm_readv is None:
+        raise OSError(errno.ENOSYS, "process_vm_readv is not available here")
+    todo = deque((a, d) for a, d in pairs if d.nbytes)
+    while todo:
+        batch = list(itertools.islice(todo, _IOV_MAX))
+        remote = (_IOVec * len(batch))(*[(a, d.nbytes) for a, d in batch])
+        local = (_IOVec * len(batch))(*[(d.ctypes.data, d.nbytes) for _, d in batch])
+        got = _process_vm_readv(pid, local, len(batch), remote, len(batch), 0)
+        if got <= 0:
+            e = ctypes.get_errno() if got < 0 else errno.EFAULT
+            raise OSError(e, os.strerror(e))
+        # A partial read is legal (the kernel caps one call near 2 GiB).
+        while got:
+            a, d = todo[0]
+            k = min(got, d.nbytes)
+            got -= k
+            if k == d.nbytes:
+                todo.popleft()
+            else:
+                todo[0] = (a + k, d[k:])
+
