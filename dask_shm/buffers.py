@@ -53,7 +53,9 @@ What a crash leaves behind
     - ``kill -9`` of a sender: its buffer file, and a probe or release pipe if
       it was in a handshake, all named with its identity.  The janitor
       (:mod:`dask_shm.janitor`) removes them once it can prove the process
-      dead; a receiver's mapping keeps the pages it may still be reading.
+      dead: when a peer's link to it ends, when a handshake with it breaks
+      off, or when any process opens the directory; a receiver's mapping
+      keeps the pages it may still be reading.
     - ``kill -9`` of a receiver: nothing named.  The kernel closes its end of
       the release pipes, and each sender frees that link's regions.
     - A comm closed or aborted in the middle of a message: the receiver

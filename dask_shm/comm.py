@@ -204,6 +204,14 @@ class _Handshake:
             self.finalizer.detach()
         self.unlink()
 
+    def fail(self) -> None:
+        """The handshake broke off, perhaps because its peer was killed in
+        it: remove what dead processes left (a peer killed before our link
+        to it existed has no link whose end would), then abandon."""
+        if not self._abandoned:
+            quiet_sweep(self.host.directory)
+        self.abandon()
+
     def abandon(self, *, from_finalizer: bool = False) -> None:
         """The handshake failed or fell back to TCP: remove everything.
         Idempotent."""
@@ -499,7 +507,7 @@ class SHM(TCP):
             await super().write({"dask-shm-echo": their_token, "read-memory": in_place})
             echo = await super().read()
         except BaseException:
-            hs.abandon()
+            hs.fail()
             if inbox is not None:
                 host.drop_inbox(inbox)
             raise
@@ -909,7 +917,7 @@ class SHM(TCP):
 
     def _drop_handshake(self) -> None:
         if self._handshake is not None:
-            self._handshake.abandon()
+            self._handshake.fail()
             self._handshake = None
 
     def _release(self) -> None:

@@ -25,6 +25,7 @@ from distributed.protocol import to_serialize
 
 from dask_shm import host as hosts, stats
 from dask_shm.buffers import Buffer
+from dask_shm.comm import SHM
 from dask_shm.inbox import Inbox
 
 
@@ -117,9 +118,13 @@ async def client(args: list[str]) -> None:
 
 async def send(args: list[str]) -> None:
     """Connect and send one message of ``args[1]`` bytes (``payload``); with
-    ``--die-at N``, be killed at the N-th copy into this process's buffer."""
+    ``--die-at N``, be killed at the N-th copy into this process's buffer;
+    with ``--die-in-handshake``, once both ends have named their files, as
+    this end starts checking the other's."""
     if "--die-at" in args:
         die_at(Buffer, "write", int(args[args.index("--die-at") + 1]))
+    if "--die-in-handshake" in args:
+        die_at(SHM, "_negotiate", 1)
     comm = await connect(args[0])
     say("READY")
     await comm.write({"x": to_serialize(payload(int(args[1])))})
@@ -261,8 +266,6 @@ async def hold(args: list[str]) -> None:
 async def announce_size(args: list[str]) -> None:
     """Connect announcing a buffer ``args[1]`` times larger than ours, then
     send one large message."""
-    from dask_shm.comm import SHM
-
     real = SHM.handshake_info
 
     def handshake_info(self: SHM) -> dict[str, Any]:

@@ -453,6 +453,27 @@ def test_peer_dying_during_the_handshake_leaves_nothing(side: str) -> None:
             os.unlink(os.path.join(SHM_DIR, name))
 
 
+def test_a_peer_killed_in_the_handshake_leaves_none_of_its_files() -> None:
+    """A connecting process is killed (SIGKILL) once it has named its probe,
+    buffer and release pipe to us and read ours.  No link to it ever
+    exists, so no link's end would sweep its files, and a long-lived
+    scheduler may never see another process start (whose janitor would):
+    the failed handshake sweeps them."""
+
+    async def main() -> list[str]:
+        async def handler(comm: Comm) -> None:  # never reached
+            comm.abort()
+
+        async with listen("shm://127.0.0.1:0", handler) as listener:
+            address = listener.contact_address
+            async with peer("send", address, "10", "--die-in-handshake") as sender:
+                await sender.killed()
+                await until(lambda: not sender.files())
+                return sender.files()
+
+    assert run(main()) == []
+
+
 def test_a_handshake_cancelled_while_the_buffer_fills_leaves_nothing() -> None:
     """In a process of its own: a connect() cancelled while its handshake
     waits for the process's first buffer to be filled."""
