@@ -137,6 +137,11 @@ class Buffer:
         self.view: np.ndarray | None = None
         self._lock = threading.Lock()
         self._used: list[tuple[int, int]] = []  # (offset, end), sorted
+        #: Regions :meth:`place` gave whose :meth:`write` has not ended, and
+        #: those of them freed meanwhile (their receiver hung up): freed
+        #: when the write ends, never under it.
+        self._writing: set[int] = set()
+        self._freed_while_writing: set[int] = set()
         self._outboxes: set[Outbox] = set()
         #: What closed outboxes leave to run once the lock is released (see
         #: :meth:`retire`); appended to under the lock.
@@ -153,18 +158,21 @@ class Buffer:
         ------
         ShmFull
             If the directory has no room; nothing is reserved then.
+        OSError
+            If the kernel refuses the memory or the mapping (a memory
+            cgroup, ``vm.max_map_count``); nothing is reserved either.
         """
         free, _ = self.directory.free_space()
         if free < self.size:  # fail before filling the tmpfs for everyone else
             raise self.directory.full(errno.ENOSPC, self.name, self.size)
         try:
             os.posix_fallocate(self._fd, 0, self.size)
+            mapping = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED)
         except OSError as e:
+            os.ftruncate(self._fd, 0)  # give back what was reserved
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                os.ftruncate(self._fd, 0)  # give back what was reserved
                 raise self.directory.full(e.errno, self.name, self.size) from e
             raise
-        mapping = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED)
         try:
             mapping.madvise(_MADV_POPULATE_WRITE, 0, self.size)
         except OSError:
@@ -176,13 +184,27 @@ class Buffer:
 
     def write(self, offset: int, pieces: Sequence[memoryview]) -> None:
         """Copy ``pieces`` (byte views) one after the other into the region
-        at ``offset``.  Blocking; safe in any thread."""
+        at ``offset``, which :meth:`place` gave.  Blocking; safe in any
+        thread."""
         view = self.view
         assert view is not None
-        for piece in pieces:
-            n = piece.nbytes
-            np.copyto(view[offset : offset + n], np.frombuffer(piece, dtype=np.uint8))
-            offset += n
+        try:
+            at = offset
+            for piece in pieces:
+                n = piece.nbytes
+                np.copyto(view[at : at + n], np.frombuffer(piece, dtype=np.uint8))
+                at += n
+        finally:
+            self.written(offset)
+
+    def written(self, offset: int) -> None:
+        """The write into the region at ``offset`` has ended (:meth:`write`
+        says so itself); if its receiver hung up meanwhile, free it now."""
+        with self._lock:
+            self._writing.discard(offset)
+            if offset in self._freed_while_writing:
+                self._freed_while_writing.discard(offset)
+                self._free(offset)
 
     def destroy(self) -> None:
         """Unlink the file and close every link's release pipe.  The mapping
@@ -217,6 +239,9 @@ class Buffer:
     def _free(self, offset: int) -> None:
         if offset == PINNED:
             return
+        if offset in self._writing:  # another link could be given it now
+            self._freed_while_writing.add(offset)
+            return
         i = bisect.bisect_left(self._used, (offset, -1))
         if i < len(self._used) and self._used[i][0] == offset:
             del self._used[i]
@@ -229,7 +254,9 @@ class Buffer:
     def place(self, box: Outbox, n: int) -> int | None:
         """Allocate a region of ``n`` bytes for a message on ``box``'s link;
         its offset, or None if there is no room now.  Frees what receivers
-        released first."""
+        released first.  The region is being written until :meth:`write`
+        into it ends (or :meth:`written`): it is not freed before, even if
+        its receiver hangs up, as another link could be given it."""
         n = _aligned(n)
         with self._lock:
             box.poll(self)
@@ -242,6 +269,7 @@ class Buffer:
                 offset = self._find(n)
             if offset is not None:
                 box.inflight.append(offset)
+                self._writing.add(offset)
         self._after_close()
         return offset
 

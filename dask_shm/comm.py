@@ -536,7 +536,9 @@ class SHM(TCP):
             # there is no room, the link's messages try again, one by one.
             try:
                 await offload(host.fill)
-            except BaseException:  # cancelled: nothing of this link may stay
+                if self.closed():  # aborted meanwhile (a listener stopping)
+                    raise CommClosedError(f"in {self}: closed during the handshake")
+            except BaseException:  # nothing of this link may stay
                 if pipe >= 0:
                     os.close(pipe)
                 if inbox is not None:
@@ -777,7 +779,9 @@ class SHM(TCP):
                     break
                 pieces = source.take(n)
                 if _offloads(self.allow_offload, n):
-                    await offload(buffer.write, offset, pieces)
+                    # Shielded: if the stream is cancelled, the write still
+                    # runs and ends, and only then is its region freed.
+                    await asyncio.shield(asyncio.ensure_future(offload(buffer.write, offset, pieces)))
                 else:
                     buffer.write(offset, pieces)
                 fragments.append((offset, n))

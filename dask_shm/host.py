@@ -102,7 +102,11 @@ class Host:
     @classmethod
     def _drain(cls) -> None:
         while cls._deferred:
-            cls._deferred.popleft()()
+            try:
+                job = cls._deferred.popleft()
+            except IndexError:  # another thread took it
+                return
+            job()
 
     def fill(self) -> Buffer | None:
         """This process's buffer, ready for messages, or None: it has none
@@ -121,17 +125,29 @@ class Host:
                 self.filling = True
             try:
                 buffer.fill()
-            except ShmFull as e:
-                warn_full_once(e)
+            except OSError as e:
+                # No room (ShmFull), or memory the kernel would not give (a
+                # memory cgroup, vm.max_map_count): TCP carries the message.
                 from dask_shm import stats
 
-                stats.count("fallback-enospc")
+                if isinstance(e, ShmFull):
+                    warn_full_once(e)
+                    stats.count("fallback-enospc")
+                else:
+                    _warn_once(
+                        f"cannot set up the shared buffer {buffer.name} "
+                        f"({buffer.size} bytes) in {self.path}: {e}; messages that "
+                        "need it go over TCP. Lower dask-shm.buffer-size, or set it "
+                        "to 0 to stop trying"
+                    )
+                    stats.count("fallback-no-buffer")
             finally:
                 with self._lock:
                     self.filling = False
                     left = self.closed  # everyone left meanwhile
+                if left:
+                    self._close()
             if left:
-                self._close()
                 return None
             return buffer if buffer.view is not None else None
 
@@ -189,10 +205,16 @@ _full_warned = False
 
 
 def warn_full_once(exc: ShmFull) -> None:
+    """Say once per process that the directory is full (``exc`` names the
+    file, the size, the free space and the remedy)."""
+    _warn_once(str(exc.strerror))
+
+
+def _warn_once(message: str) -> None:
     global _full_warned
     if not _full_warned:
         _full_warned = True
-        logger.warning("dask-shm: %s (shown once per process)", exc.strerror)
+        logger.warning("dask-shm: %s (shown once per process)", message)
 
 
 def info() -> dict[str, int]:

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from distributed.comm.core import CommClosedError
 
 from dask_shm.errors import DescriptorError
 from dask_shm.names import Directory, Owner, check_file, check_name
@@ -107,9 +108,9 @@ class Inbox:
         """Copy a region out into consecutive pieces of ``into`` (their sizes
         add up to ``length``), then release it.  Bounds were validated with
         the descriptor.  Blocking; safe in any thread."""
-        view = self.peer.map()
 
         def copy() -> None:
+            view = self.peer.map()
             start = offset
             for dst in into:
                 np.copyto(dst, view[start : start + dst.nbytes])
@@ -127,8 +128,18 @@ class Inbox:
         """Run ``copy``, then release its entry (one byte: with at most
         ``PIPE_REGIONS`` in flight it never blocks and is never split); if
         the link closed meanwhile, close the pipe instead (once no other
-        copy runs)."""
+        copy runs).
+
+        Raises
+        ------
+        CommClosedError
+            If the link has closed before the copy could start (it may have
+            waited for an offload thread): the sender has freed what it
+            described, so nothing of it is read.
+        """
         with self._lock:
+            if self.closed:
+                raise CommClosedError("the link closed before its message could be copied")
             self._copying += 1
         try:
             copy()

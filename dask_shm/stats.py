@@ -20,6 +20,9 @@ them on Dask's Prometheus endpoints.  Names:
 ``fallback-enospc``
     Times this process could not reserve its buffer (a full directory): it
     then sends over TCP.
+``fallback-no-buffer``
+    Times it could not set its buffer up for another reason (the kernel
+    refused the memory or the mapping): it then sends over TCP.
 ``fallback-<reason>``
     Messages written on ``shm://`` comms that are plain TCP, by why:
     ``no-probe`` (the peer failed the handshake probe: another host, user or

@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -22,6 +24,7 @@ import numpy as np
 from distributed.comm import connect, listen
 from distributed.comm.core import Comm, CommClosedError
 from distributed.protocol import to_serialize
+from distributed.utils import offload as distributed_offload
 
 from dask_shm import host as hosts, stats
 from dask_shm.buffers import Buffer
@@ -120,14 +123,23 @@ async def send(args: list[str]) -> None:
     """Connect and send one message of ``args[1]`` bytes (``payload``); with
     ``--die-at N``, be killed at the N-th copy into this process's buffer;
     with ``--die-in-handshake``, once both ends have named their files, as
-    this end starts checking the other's."""
+    this end starts checking the other's; with ``--no-memory-to-map``, in
+    an address space too small for its buffer."""
+    x = payload(int(args[1]))
     if "--die-at" in args:
         die_at(Buffer, "write", int(args[args.index("--die-at") + 1]))
     if "--die-in-handshake" in args:
         die_at(SHM, "_negotiate", 1)
+    if "--no-memory-to-map" in args:
+        await distributed_offload(lambda: None)  # its thread exists before the limit
+        with open("/proc/self/status") as f:
+            vm = next(int(line.split()[1]) << 10 for line in f if line.startswith("VmSize:"))
+        # Address space for everything but a 64 MiB buffer: the kernel
+        # refuses its mapping (ENOMEM), as a memory cgroup could.
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (48 << 20), resource.RLIM_INFINITY))
     comm = await connect(args[0])
     say("READY")
-    await comm.write({"x": to_serialize(payload(int(args[1])))})
+    await comm.write({"x": to_serialize(x)})
     try:
         await comm.read()  # the test closes the comm when it has the message
     except CommClosedError:
@@ -383,8 +395,9 @@ def mid_stream(args: list[str]) -> None:
 def cancel_handshake(args: list[str]) -> None:
     """Connect to a listener of this process and cancel the connecting task
     while its handshake waits for this process's buffer to be filled (a
-    256 MiB buffer: long enough to see); let the listener's end finish and
-    close normally; then report what is left of ours."""
+    256 MiB buffer: long enough to see); let the listener's end finish (it
+    fails its handshake if it sees the closed connection after the fill,
+    else its handler closes the comm); then report what is left of ours."""
     import gc
 
     import dask
@@ -397,11 +410,8 @@ def cancel_handshake(args: list[str]) -> None:
         return host.buffer is not None and host.buffer.view is not None
 
     async def scenario() -> str:
-        served = asyncio.Event()
-
         async def handler(comm: Comm) -> None:
             await comm.close()
-            served.set()
 
         async with listen("shm://127.0.0.1:0", handler) as listener:
             connecting = asyncio.ensure_future(connect(listener.contact_address))
@@ -415,7 +425,9 @@ def cancel_handshake(args: list[str]) -> None:
                 outcome = "connected"
             except asyncio.CancelledError:
                 outcome = "cancelled after filling" if done_filling else "cancelled while filling"
-            await asyncio.wait_for(served.wait(), 30)
+            deadline = time.monotonic() + 30  # both ends let go of our shared memory
+            while Host._hosts and time.monotonic() < deadline:
+                await asyncio.sleep(0.001)
         return outcome
 
     with dask.config.set({"dask-shm.buffer-size": "256 MiB"}):

@@ -16,12 +16,13 @@ from typing import TypeVar
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
+from distributed.comm.core import CommClosedError
 from hypothesis import strategies as st
 
 from dask_shm.buffers import ALIGN, PIPE_REGIONS, Buffer, Outbox
+from dask_shm.errors import DescriptorError
 from dask_shm.host import Host
 from dask_shm.inbox import Inbox, PeerBuffer
-from dask_shm.errors import DescriptorError
 from dask_shm.names import Directory, current_owner, new_name, read_probe
 
 from .conftest import SHM_DIR, is_root, ours, wait_for
@@ -82,6 +83,14 @@ class Ended:
         self.n += 1
 
 
+def place(buffer: Buffer, box: Outbox, n: int) -> int | None:
+    """A region placed as a stream places one, its write over (no bytes)."""
+    offset = buffer.place(box, n)
+    if offset is not None:
+        buffer.written(offset)
+    return offset
+
+
 @pytest.fixture
 def pipes(directory: Directory, buffer: Buffer) -> Iterator[list[Pipe]]:
     made = [Pipe(directory, buffer) for _ in range(2)]
@@ -92,19 +101,19 @@ def pipes(directory: Directory, buffer: Buffer) -> Iterator[list[Pipe]]:
 
 def test_regions_are_aligned_released_in_order_and_reused(buffer: Buffer, pipes: list[Pipe]) -> None:
     a = pipes[0]
-    assert buffer.place(a.box, 1) == 0
-    assert buffer.place(a.box, 300_000) == ALIGN
-    third = buffer.place(a.box, 300_000)
+    assert place(buffer, a.box, 1) == 0
+    assert place(buffer, a.box, 300_000) == ALIGN
+    third = place(buffer, a.box, 300_000)
     assert third == ALIGN + 300_032  # the next cache line
-    assert buffer.place(a.box, 600_000) is None  # no room: nothing was released
+    assert place(buffer, a.box, 600_000) is None  # no room: nothing was released
     assert buffer.in_use() == ALIGN + 2 * 300_032
     a.release()  # the receiver copied the first region out
-    assert buffer.place(a.box, 600_000) is None  # only 64 bytes came free
+    assert place(buffer, a.box, 600_000) is None  # only 64 bytes came free
     a.release()
     assert buffer.in_use() == 2 * 300_032  # freed at the next poll, not before
     # First fit: the lowest gap, so a stream cycles through the same pages.
-    assert buffer.place(a.box, 300_000) == 0
-    assert buffer.place(a.box, 300_000) == third + 300_032
+    assert place(buffer, a.box, 300_000) == 0
+    assert place(buffer, a.box, 300_000) == third + 300_032
     assert list(a.box.inflight) == [third, 0, third + 300_032]
     assert buffer.in_use() == 3 * 300_032
 
@@ -113,23 +122,23 @@ def test_a_full_buffer_takes_back_what_other_links_released(
     buffer: Buffer, pipes: list[Pipe]
 ) -> None:
     a, b = pipes
-    assert buffer.place(b.box, SIZE // 2) == 0
-    assert buffer.place(a.box, SIZE // 2) == SIZE // 2
-    assert buffer.place(a.box, SIZE // 2) is None
+    assert place(buffer, b.box, SIZE // 2) == 0
+    assert place(buffer, a.box, SIZE // 2) == SIZE // 2
+    assert place(buffer, a.box, SIZE // 2) is None
     b.release()  # b's receiver released; a's place polls every link when full
-    assert buffer.place(a.box, SIZE // 2) == 0
+    assert place(buffer, a.box, SIZE // 2) == 0
     assert not b.box.inflight
 
 
 def test_a_receiver_hanging_up_frees_all_its_link_held(buffer: Buffer, pipes: list[Pipe]) -> None:
     a, b = pipes
-    assert buffer.place(b.box, 100_000) == 0
+    assert place(buffer, b.box, 100_000) == 0
     for _ in range(3):
-        assert buffer.place(a.box, 100_000) is not None
+        assert place(buffer, a.box, 100_000) is not None
     a.hang_up()  # its process died, or its comm closed with no copy under way
-    assert buffer.place(b.box, SIZE - 200_000) is not None  # full: polls a, end of file
+    assert place(buffer, b.box, SIZE - 200_000) is not None  # full: polls a, end of file
     assert a.box.closed and not a.box.inflight
-    assert buffer.place(a.box, 10) is None  # nobody reads that link any more
+    assert place(buffer, a.box, 10) is None  # nobody reads that link any more
     assert list(b.box.inflight)[0] == 0
     ended = Ended()
     buffer.retire(a.box, ended)
@@ -149,7 +158,7 @@ def test_a_message_read_in_place_is_one_release_whatever_its_frames(
         assert buffer.pin(a.box, many[:1])
     assert not buffer.pin(a.box, many[:1])
     a.release(PIPE_REGIONS)
-    assert buffer.place(a.box, 1) == 0  # its poll freed every message
+    assert place(buffer, a.box, 1) == 0  # its poll freed every message
     assert not a.box.pinned and list(a.box.inflight) == [0]
 
 
@@ -157,10 +166,10 @@ def test_a_link_holds_at_most_what_its_pipe_can_release(buffer: Buffer, pipes: l
     """One release byte per region must fit in the pipe without blocking."""
     a = pipes[0]
     for _ in range(PIPE_REGIONS):
-        assert buffer.place(a.box, 1) is not None
-    assert buffer.place(a.box, 1) is None
+        assert place(buffer, a.box, 1) is not None
+    assert place(buffer, a.box, 1) is None
     a.release(PIPE_REGIONS)
-    assert buffer.place(a.box, 1) is not None
+    assert place(buffer, a.box, 1) is not None
 
 
 class LoopThread:
@@ -212,7 +221,7 @@ def test_the_watching_loop_frees_releases_and_the_pipe_closes_once_from_any_thre
     watch stops and the pipe's descriptor is closed, whether that loop still
     runs, has stopped or is closed."""
     box = watched.box
-    assert buffer.place(box, 1000) == 0
+    assert place(buffer, box, 1000) == 0
     assert buffer.pin(box, [memoryview(b"frame")])
     watched.release(2)
     assert wait_for(lambda: not box.inflight and not box.pinned)
@@ -230,7 +239,7 @@ def test_a_receiver_that_hangs_up_unwatches_its_pipe(buffer: Buffer, watched: Pi
     """End of file on a watched pipe frees the link's regions and ends the
     watch at once (a level-triggered reader left on it would spin)."""
     box = watched.box
-    assert buffer.place(box, 1000) == 0
+    assert place(buffer, box, 1000) == 0
     watched.hang_up()  # the receiver died
     assert wait_for(lambda: box.closed and box.fd == -1 and box.loop is None)
     assert not box.inflight
@@ -244,7 +253,7 @@ def test_a_retired_link_keeps_what_its_receiver_may_read_until_it_is_released(
     until the receiver releases them; then all goes at once, on the loop."""
     box = watched.box
     frame = memoryview(bytearray(b"frame"))
-    assert buffer.place(box, 1000) == 0 and buffer.pin(box, [frame])
+    assert place(buffer, box, 1000) == 0 and buffer.pin(box, [frame])
     ended = threading.Event()
     buffer.retire(box, ended.set)
     assert not ended.is_set() and not box.closed
@@ -269,7 +278,7 @@ def test_regions_in_flight_never_overlap(
                 p.release()
                 sent[link].pop(0)
                 continue
-            offset = buffer.place(p.box, n)
+            offset = place(buffer, p.box, n)
             if offset is not None:
                 sent[link].append((offset, offset + n))
             inflight = sorted(r for regions in sent for r in regions)
@@ -312,6 +321,54 @@ def test_write_then_copy_out_is_byte_exact_and_releases(
         os.close(read)
         directory.unlink(fifo)
         peer.close()
+
+
+def test_a_copy_that_starts_after_its_link_closed_reads_nothing(
+    directory: Directory, buffer: Buffer, pipes: list[Pipe]
+) -> None:
+    """A copy queued for an offload thread may start after its comm has
+    closed: the sender has then freed what it described (end of file on
+    the pipe), so the copy must not read it, and the read must fail."""
+    a = pipes[0]
+    offset = buffer.place(a.box, 1000)
+    assert offset is not None
+    buffer.write(offset, [memoryview(b"x" * 1000)])
+    peer = PeerBuffer(directory, buffer.name, ME, SIZE)
+    fifo = new_name("r")
+    os.mkfifo(fifo, 0o600, dir_fd=directory.fd)
+    read = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK, dir_fd=directory.fd)
+    try:
+        inbox = Inbox(peer, directory, fifo, ME)
+        inbox.close()  # the comm closed while the copy waited for a thread
+        assert os.read(read, 10) == b""  # the sender sees end of file now
+        out = np.zeros(1000, np.uint8)
+        with pytest.raises(CommClosedError, match="closed before"):
+            inbox.copy(offset, 1000, [out])
+        assert not out.any()
+        with pytest.raises(CommClosedError, match="closed before"):
+            inbox.read_in_place(os.getpid(), [(out.ctypes.data, out)])
+    finally:
+        os.close(read)
+        directory.unlink(fifo)
+        peer.close()
+
+
+def test_a_region_is_not_freed_under_its_write(buffer: Buffer, pipes: list[Pipe]) -> None:
+    """A receiver hanging up frees everything its link held; a region still
+    being written (by an offload thread, or while another loop's link
+    polls) is freed only once that write ends: given to another link
+    before, two writes would share it."""
+    a, b = pipes
+    offset = buffer.place(a.box, SIZE // 2)
+    assert offset == 0  # its write has not ended
+    assert place(buffer, b.box, SIZE // 2) == SIZE // 2
+    a.hang_up()
+    assert place(buffer, b.box, SIZE // 2) is None  # full: polls a, end of file...
+    assert a.box.closed and not a.box.inflight
+    assert buffer.in_use() == SIZE  # ...but a's region is still being written
+    buffer.write(offset, [memoryview(bytes(SIZE // 2))])  # the write ends: freed
+    assert buffer.in_use() == SIZE // 2
+    assert place(buffer, b.box, SIZE // 2) == 0
 
 
 class _ClosesMidCopy(np.ndarray):

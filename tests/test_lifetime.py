@@ -12,6 +12,7 @@ import sys
 import textwrap
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import dask
 import numpy as np
@@ -28,7 +29,8 @@ from dask_shm.errors import ShmFull
 from dask_shm.janitor import list_files, owned_names, sweep
 from dask_shm.names import Directory, create_probe, current_owner, new_name
 
-from .conftest import SHM_DIR, is_root, ours, root_only, until, wait_for
+from .conftest import SHM_DIR, is_root, ours, peer, root_only, until, wait_for
+from .peers import payload
 from .test_comm import echo_server
 
 #: Leaves a buffer, a probe and a release pipe, then dies by SIGKILL: no
@@ -272,6 +274,34 @@ def test_a_buffer_that_did_not_fit_is_filled_once_room_is_freed(
     conf = {"dask-shm.directory": str(small_tmpfs), "dask-shm.buffer-size": "32 MiB"}
     _warned_once(conf, main, caplog)
     assert not of_ours(small_tmpfs)
+
+
+def test_a_buffer_the_kernel_will_not_map_sends_over_tcp() -> None:
+    """A sender whose buffer the kernel refuses for another reason than a
+    full directory (here its address space is too small for the mapping,
+    as a memory cgroup or vm.max_map_count could refuse it): the message
+    arrives intact over TCP, counted, and nothing is left behind."""
+
+    async def main() -> tuple[dict[str, Any], list[str]]:
+        got: list[bool] = []
+
+        async def handler(comm: Comm) -> None:
+            x = (await comm.read())["x"]
+            got.append(bool((x == payload(len(x))).all()))
+            await comm.close()
+
+        async with listen("shm://127.0.0.1:0", handler) as listener:
+            address = listener.contact_address
+            async with peer("send", address, str(8 << 20), "--no-memory-to-map",
+                            single_copy="false") as sender:
+                report = await sender.done()
+                assert got == [True], got
+                return report, sender.files()
+
+    report, left = asyncio.run(main())
+    assert report["fallback-no-buffer"] >= 1 and report["tcp-messages"] == 1, report
+    assert report.get("shm-messages", 0) == 0, report
+    assert left == [], left
 
 
 @root_only
