@@ -40,7 +40,7 @@ from tornado import gen
 
 from dask_shm import family, metrics, stats
 from dask_shm.buffers import Outbox, running_loop
-from dask_shm.host import Host, warn_full_once
+from dask_shm.host import Host, warn_full_once, warn_once
 from dask_shm.inbox import Inbox, PeerBuffer, read_remote
 from dask_shm.config import Settings, settings
 from dask_shm.descriptor import INLINE, decode, encode
@@ -379,7 +379,10 @@ def _local_host() -> tuple[Settings, Host | None, str | None]:
     try:
         return conf, Host.acquire(conf.directory, conf.buffer_size), None
     except OSError as e:
-        logger.warning("dask-shm: cannot use %s (%s); using TCP", conf.directory, e)
+        warn_once(
+            f"cannot use {conf.directory} ({e}); shm:// comms use TCP meanwhile. "
+            "Free space or inodes there, or set dask-shm.directory"
+        )
         return conf, None, "fallback-probe-failed"
 
 
@@ -457,7 +460,10 @@ class SHM(TCP):
                 if isinstance(e, ShmFull):
                     warn_full_once(e)
                 else:
-                    logger.warning("dask-shm: cannot create a handshake probe (%s); using TCP", e)
+                    warn_once(
+                        f"cannot create a handshake probe in {host.path} ({e}); this comm "
+                        "uses TCP. Free space or inodes there, or set dask-shm.directory"
+                    )
                 host.release()
                 why = "fallback-probe-failed"
         if self._handshake is None:

@@ -19,7 +19,7 @@ from dask_shm.inbox import Inbox, PeerBuffer
 from dask_shm.janitor import own, quiet_sweep
 from dask_shm.names import MODE, Directory, Owner, check_name, new_name
 
-__all__ = ["Host", "info", "warn_full_once"]
+__all__ = ["Host", "info", "warn_full_once", "warn_once"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class Host:
                     warn_full_once(e)
                     stats.count("fallback-enospc")
                 else:
-                    _warn_once(
+                    warn_once(
                         f"cannot set up the shared buffer {buffer.name} "
                         f"({buffer.size} bytes) in {self.path}: {e}; messages that "
                         "need it go over TCP. Lower dask-shm.buffer-size, or set it "
@@ -207,10 +207,13 @@ _full_warned = False
 def warn_full_once(exc: ShmFull) -> None:
     """Say once per process that the directory is full (``exc`` names the
     file, the size, the free space and the remedy)."""
-    _warn_once(str(exc.strerror))
+    warn_once(str(exc.strerror))
 
 
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
+    """Log ``message`` as a warning if no trouble with shared memory has been
+    logged in this process yet: a lasting condition (a full directory, one
+    without inodes) would otherwise be logged for every comm."""
     global _full_warned
     if not _full_warned:
         _full_warned = True

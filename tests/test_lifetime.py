@@ -241,6 +241,44 @@ def test_full_directory_falls_back_to_tcp_and_warns_once(
     assert not of_ours(small_tmpfs)
 
 
+@root_only
+def test_a_directory_without_inodes_falls_back_to_tcp_and_warns_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tmpfs with room but no inode left (``nr_inodes``): no file of ours
+    can be created, so every comm is plain TCP, its messages arrive intact,
+    and the condition is logged once, not once per comm."""
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=2,mode=1777", "tmpfs",
+                    str(mnt)], check=True)
+    dask_shm.host._full_warned = False
+    x = np.arange(10**6)  # 8 MB
+    try:
+        while True:  # take the inodes left, whatever the root directory used
+            try:
+                (mnt / f"someone-elses-{len(list(mnt.iterdir()))}").touch()
+            except OSError:
+                break
+
+        async def main() -> None:
+            async with listen("shm://127.0.0.1:0", echo_server) as listener:
+                for _ in range(3):
+                    comm = await connect(listener.contact_address)
+                    assert comm.link is None  # type: ignore[attr-defined]
+                    await _round_trip(comm, x)
+                    await comm.close()
+
+        with dask.config.set({"dask-shm.directory": str(mnt)}), \
+                caplog.at_level(logging.WARNING, logger="dask_shm"):
+            asyncio.run(main())
+        said = [r.getMessage() for r in caplog.records if r.name.startswith("dask_shm")]
+        assert len(said) == 1 and "inodes" in said[0], said
+        assert not of_ours(mnt)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
 def _occupy(path: Path, nbytes: int) -> None:
     """Another program's file, holding ``nbytes`` of the directory."""
     with open(path, "wb") as f:
