@@ -867,6 +867,9 @@ class SHM(TCP):
             inline=[nbytes(f) for f in envelope.frames],
         )
         assert lengths is not None
+        if remote and [n for n in lengths if n] != [n for _, n in fragments]:
+            # Checked before anything is allocated.
+            raise DescriptorError("in-place fragments do not match the frames one to one")
         frames = [host_array(n) for n in lengths]
         if remote:
             await self._read_in_place(link, inbox, fragments, frames)
@@ -906,8 +909,6 @@ class SHM(TCP):
         """Copy frames the peer described in its own memory straight into
         ``frames`` (one copy), then release them all."""
         into = [np.frombuffer(f, dtype=np.uint8) for f in frames if f.nbytes]
-        if [d.nbytes for d in into] != [n for _, n in fragments]:
-            raise DescriptorError("in-place fragments do not match the frames one to one")
         pairs = [(address, d) for (address, _), d in zip(fragments, into)]
         if self.closed():
             raise CommClosedError(f"in {self}: closed while receiving")
