@@ -349,12 +349,7 @@ class Buffer:
     def _after_close(self) -> None:
         """Run what outboxes closed under the lock left to do (it may take
         locks, the buffer's included)."""
-        while self._closed_jobs:
-            try:
-                job = self._closed_jobs.popleft()
-            except IndexError:  # another thread took it
-                return
-            job()
+        run_queued(self._closed_jobs)
 
     def _tidy(self) -> None:
         """Poll retired outboxes, and drop those with nothing left in flight
@@ -469,6 +464,17 @@ class Outbox:
                 loop.call_soon_threadsafe(_wake, future)
             except RuntimeError:  # its loop is closed: nobody is waiting
                 pass
+
+
+def run_queued(jobs: deque[Callable[[], None]]) -> None:
+    """Run and remove the jobs in ``jobs``, which other threads may be
+    running too (each job runs once)."""
+    while jobs:
+        try:
+            job = jobs.popleft()
+        except IndexError:  # another thread took it
+            return
+        job()
 
 
 def running_loop() -> asyncio.AbstractEventLoop | None:

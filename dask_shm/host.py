@@ -13,7 +13,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from dask_shm.buffers import Buffer
+from dask_shm.buffers import Buffer, run_queued
 from dask_shm.errors import DescriptorError, ShmFull
 from dask_shm.inbox import Inbox, PeerBuffer
 from dask_shm.janitor import own, quiet_sweep
@@ -101,12 +101,7 @@ class Host:
 
     @classmethod
     def _drain(cls) -> None:
-        while cls._deferred:
-            try:
-                job = cls._deferred.popleft()
-            except IndexError:  # another thread took it
-                return
-            job()
+        run_queued(cls._deferred)
 
     def fill(self) -> Buffer | None:
         """This process's buffer, ready for messages, or None: it has none

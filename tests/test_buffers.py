@@ -10,6 +10,7 @@ import asyncio
 import os
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -294,6 +295,22 @@ def test_regions_in_flight_never_overlap(
     assert buffer.in_use() == 0
 
 
+@contextmanager
+def receiver(directory: Directory, buffer: Buffer) -> Iterator[tuple[Inbox, int]]:
+    """A receiver's inbox on ``buffer`` (opened by name, as a peer opens it),
+    and the read end of its release pipe (the sender's side)."""
+    peer = PeerBuffer(directory, buffer.name, ME, SIZE)
+    fifo = new_name("r")
+    os.mkfifo(fifo, 0o600, dir_fd=directory.fd)
+    read = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK, dir_fd=directory.fd)
+    try:
+        yield Inbox(peer, directory, fifo, ME), read
+    finally:
+        os.close(read)
+        directory.unlink(fifo)
+        peer.close()
+
+
 def test_write_then_copy_out_is_byte_exact_and_releases(
     directory: Directory, buffer: Buffer, pipes: list[Pipe]
 ) -> None:
@@ -304,23 +321,14 @@ def test_write_then_copy_out_is_byte_exact_and_releases(
     offset = buffer.place(a.box, data.nbytes)
     assert offset is not None
     buffer.write(offset, [memoryview(data[:1000]), memoryview(data[1000:])])
-    peer = PeerBuffer(directory, buffer.name, ME, SIZE)
-    fifo = new_name("r")
-    os.mkfifo(fifo, 0o600, dir_fd=directory.fd)
-    read = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK, dir_fd=directory.fd)
-    try:
-        inbox = Inbox(peer, directory, fifo, ME)
+    with receiver(directory, buffer) as (inbox, read):
         out = [np.empty(100_000, np.uint8), np.empty(200_000, np.uint8)]
         inbox.copy(offset, data.nbytes, out)
         np.testing.assert_array_equal(np.concatenate(out), data)
         assert os.read(read, 10) == b"\0"  # one release byte for one region
         inbox.close()
         assert os.read(read, 10) == b""  # then end of file
-        assert not peer.map().flags.writeable
-    finally:
-        os.close(read)
-        directory.unlink(fifo)
-        peer.close()
+        assert not inbox.peer.map().flags.writeable
 
 
 def test_a_copy_that_starts_after_its_link_closed_reads_nothing(
@@ -333,12 +341,7 @@ def test_a_copy_that_starts_after_its_link_closed_reads_nothing(
     offset = buffer.place(a.box, 1000)
     assert offset is not None
     buffer.write(offset, [memoryview(b"x" * 1000)])
-    peer = PeerBuffer(directory, buffer.name, ME, SIZE)
-    fifo = new_name("r")
-    os.mkfifo(fifo, 0o600, dir_fd=directory.fd)
-    read = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK, dir_fd=directory.fd)
-    try:
-        inbox = Inbox(peer, directory, fifo, ME)
+    with receiver(directory, buffer) as (inbox, read):
         inbox.close()  # the comm closed while the copy waited for a thread
         assert os.read(read, 10) == b""  # the sender sees end of file now
         out = np.zeros(1000, np.uint8)
@@ -347,10 +350,6 @@ def test_a_copy_that_starts_after_its_link_closed_reads_nothing(
         assert not out.any()
         with pytest.raises(CommClosedError, match="closed before"):
             inbox.read_in_place(os.getpid(), [(out.ctypes.data, out)])
-    finally:
-        os.close(read)
-        directory.unlink(fifo)
-        peer.close()
 
 
 def test_a_region_is_not_freed_under_its_write(buffer: Buffer, pipes: list[Pipe]) -> None:
