@@ -204,12 +204,12 @@ class _Handshake:
             self.finalizer.detach()
         self.unlink()
 
-    def fail(self) -> None:
-        """The handshake broke off, perhaps because its peer was killed in
-        it: remove what dead processes left (a peer killed before our link
-        to it existed has no link whose end would), then abandon."""
-        if not self._abandoned:
-            quiet_sweep(self.host.directory)
+    def fail(self, peer: Owner | None) -> None:
+        """The handshake broke off after ``peer`` (if known) said who it is:
+        if it was killed, remove what it left (no link to it exists whose
+        end would), then abandon."""
+        if peer is not None and not self._abandoned and not peer.alive():
+            quiet_sweep(self.host.directory, owner=peer)
         self.abandon()
 
     def abandon(self, *, from_finalizer: bool = False) -> None:
@@ -489,6 +489,7 @@ class SHM(TCP):
         assert hs is not None
         host = hs.host
         inbox: Inbox | None = None
+        peer: Owner | None = None
         try:
             theirs = remote.get("dask-shm") if isinstance(remote, dict) else None
             if not isinstance(theirs, dict) or theirs.get("version") != PROTOCOL:
@@ -497,8 +498,7 @@ class SHM(TCP):
                 hs.abandon()
                 return
             try:
-                peer: Owner | None = Owner(*map(int, theirs["owner"]))
-                assert peer is not None
+                peer = Owner(*map(int, theirs["owner"]))
                 their_token = read_probe(host.directory, theirs["probe"], peer)
                 if their_token is not None and theirs.get("buffer") is not None:
                     inbox = self._open_inbox(host, peer, theirs)
@@ -513,7 +513,7 @@ class SHM(TCP):
             await super().write({"dask-shm-echo": their_token, "read-memory": in_place})
             echo = await super().read()
         except BaseException:
-            hs.fail()
+            hs.fail(peer)
             if inbox is not None:
                 host.drop_inbox(inbox)
             raise
@@ -787,7 +787,9 @@ class SHM(TCP):
                 if _offloads(self.allow_offload, n):
                     # Shielded: if the stream is cancelled, the write still
                     # runs and ends, and only then is its region freed.
-                    await asyncio.shield(asyncio.ensure_future(offload(buffer.write, offset, pieces)))
+                    write = asyncio.ensure_future(offload(buffer.write, offset, pieces))
+                    write.add_done_callback(_retrieved)
+                    await asyncio.shield(write)
                 else:
                     buffer.write(offset, pieces)
                 fragments.append((offset, n))
@@ -928,7 +930,7 @@ class SHM(TCP):
 
     def _drop_handshake(self) -> None:
         if self._handshake is not None:
-            self._handshake.fail()
+            self._handshake.abandon()
             self._handshake = None
 
     def _release(self) -> None:
@@ -957,6 +959,13 @@ class SHM(TCP):
     def abort(self) -> None:
         super().abort()
         self._release()
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a future's outcome seen: nobody awaits a shielded write whose
+    stream was cancelled (what it raised went with the comm)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _current_task() -> asyncio.Task[Any] | None:

@@ -47,6 +47,9 @@ class Host:
         self.filling = False
         #: Its last user has left (see :meth:`release`).
         self.closed = False
+        #: The kernel refused the buffer for another reason than a full
+        #: directory: :meth:`fill` does not try again.
+        self.refused = False
         self._peers: dict[str, PeerBuffer] = {}
         quiet_sweep(self.directory)  # orphans of processes killed earlier
 
@@ -105,18 +108,23 @@ class Host:
 
     def fill(self) -> Buffer | None:
         """This process's buffer, ready for messages, or None: it has none
-        (``buffer-size`` is 0), or the directory has no room for it now.
-        Then the message at hand travels over TCP, and the next one that
-        needs the buffer tries again: room freed by other processes is used
-        as soon as it is there, and links that never need the buffer
-        (single copy) are not affected.  Blocking (run it off the event
-        loop); one thread tries at a time: the others wait, then find the
-        buffer filled or try in turn (a full directory fails at once)."""
+        (``buffer-size`` is 0), the directory has no room for it now, or
+        the kernel refused it.  Then the message at hand travels over TCP.
+        After a full directory the next message that needs the buffer tries
+        again: room freed by other processes is used as soon as it is
+        there.  After a refusal (a memory cgroup's limit, ``vm.max_map_count``:
+        lasting, and costly to find again) this host does not try again.
+        Links that never need the buffer (single copy) are not affected.
+        Blocking (run it off the event loop); one thread tries at a time:
+        the others wait, then find the buffer filled or try in turn (a full
+        directory fails at once)."""
         with self._fill_lock:
             with self._lock:
                 buffer = self.buffer
-                if buffer is None or buffer.view is not None:
+                if buffer is not None and buffer.view is not None:
                     return buffer
+                if buffer is None or self.closed or self.refused:
+                    return None
                 self.filling = True
             try:
                 buffer.fill()
@@ -132,10 +140,11 @@ class Host:
                     warn_once(
                         f"cannot set up the shared buffer {buffer.name} "
                         f"({buffer.size} bytes) in {self.path}: {e}; messages that "
-                        "need it go over TCP. Lower dask-shm.buffer-size, or set it "
-                        "to 0 to stop trying"
+                        "need it go over TCP until every shm:// comm of this process "
+                        "has closed. Lower dask-shm.buffer-size, or set it to 0"
                     )
                     stats.count("fallback-no-buffer")
+                    self.refused = True
             finally:
                 with self._lock:
                     self.filling = False

@@ -370,6 +370,20 @@ def test_a_region_is_not_freed_under_its_write(buffer: Buffer, pipes: list[Pipe]
     assert place(buffer, b.box, SIZE // 2) == 0
 
 
+def test_a_write_the_buffer_was_destroyed_before_does_nothing(directory: Directory) -> None:
+    """A shielded write of a cancelled stream may start only after the
+    process's last comm destroyed the buffer: nobody will read the region,
+    so the write copies nothing and raises nothing."""
+    b = Buffer(directory, SIZE)
+    b.fill()
+    pipe = Pipe(directory, b)
+    offset = b.place(pipe.box, 100)
+    assert offset is not None
+    b.destroy()
+    b.write(offset, [memoryview(b"x" * 100)])
+    pipe.hang_up()
+
+
 class _ClosesMidCopy(np.ndarray):
     """A destination whose size, asked for during the copy, closes the inbox
     first: a comm closing while a copy is under way in another thread."""
