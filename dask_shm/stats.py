@@ -22,7 +22,8 @@ them on Dask's Prometheus endpoints.  Names:
     then sends over TCP.
 ``fallback-no-buffer``
     Times it could not set its buffer up for another reason (the kernel
-    refused the memory or the mapping): it then sends over TCP.
+    refused the memory or the mapping): it then sends over TCP, without
+    trying again until its ``shm://`` comms have all closed.
 ``fallback-<reason>``
     Messages written on ``shm://`` comms that are plain TCP, by why:
     ``no-probe`` (the peer failed the handshake probe: another host, user or
