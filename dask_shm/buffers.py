@@ -138,10 +138,9 @@ class Buffer:
         self._lock = threading.Lock()
         self._used: list[tuple[int, int]] = []  # (offset, end), sorted
         #: Regions :meth:`place` gave whose :meth:`write` has not ended, and
-        #: those of them freed meanwhile (their receiver hung up): freed
-        #: when the write ends, never under it.
-        self._writing: set[int] = set()
-        self._freed_while_writing: set[int] = set()
+        #: whether they were freed meanwhile (their receiver hung up): then
+        #: freed when the write ends, never under it.
+        self._writing: dict[int, bool] = {}
         self._outboxes: set[Outbox] = set()
         #: What closed outboxes leave to run once the lock is released (see
         #: :meth:`retire`); appended to under the lock.
@@ -202,9 +201,7 @@ class Buffer:
         """The write into the region at ``offset`` has ended (:meth:`write`
         says so itself); if its receiver hung up meanwhile, free it now."""
         with self._lock:
-            self._writing.discard(offset)
-            if offset in self._freed_while_writing:
-                self._freed_while_writing.discard(offset)
+            if self._writing.pop(offset, False):
                 self._free(offset)
 
     def destroy(self) -> None:
@@ -241,7 +238,7 @@ class Buffer:
         if offset == PINNED:
             return
         if offset in self._writing:  # another link could be given it now
-            self._freed_while_writing.add(offset)
+            self._writing[offset] = True
             return
         i = bisect.bisect_left(self._used, (offset, -1))
         if i < len(self._used) and self._used[i][0] == offset:
@@ -270,7 +267,7 @@ class Buffer:
                 offset = self._find(n)
             if offset is not None:
                 box.inflight.append(offset)
-                self._writing.add(offset)
+                self._writing[offset] = False
         self._after_close()
         return offset
 

@@ -40,7 +40,7 @@ from tornado import gen
 
 from dask_shm import family, metrics, stats
 from dask_shm.buffers import Outbox, running_loop
-from dask_shm.host import Host, warn_full_once, warn_once
+from dask_shm.host import Host, warn_once
 from dask_shm.inbox import Inbox, PeerBuffer, read_remote
 from dask_shm.config import Settings, settings
 from dask_shm.descriptor import INLINE, decode, encode
@@ -143,8 +143,7 @@ class Link:
             self.finalizer.detach()
         if self.inbox is not None:
             self.host.drop_inbox(self.inbox)
-        if not self.peer.alive():  # killed with -9: its files are orphans now
-            quiet_sweep(self.host.directory, owner=self.peer)
+        quiet_sweep(self.host.directory, owner=self.peer)  # if it was killed (-9)
         buffer = self.host.buffer
         if self.outbox is not None and buffer is not None:
             # Our use of the host ends once the peer has released what it
@@ -208,7 +207,7 @@ class _Handshake:
         """The handshake broke off after ``peer`` (if known) said who it is:
         if it was killed, remove what it left (no link to it exists whose
         end would), then abandon."""
-        if peer is not None and not self._abandoned and not peer.alive():
+        if peer is not None and not self._abandoned:
             quiet_sweep(self.host.directory, owner=peer)
         self.abandon()
 
@@ -457,13 +456,12 @@ class SHM(TCP):
             try:
                 self._handshake = hs = _Handshake(host, conf)
             except OSError as e:  # no room even for a probe: this comm is TCP
-                if isinstance(e, ShmFull):
-                    warn_full_once(e)
-                else:
-                    warn_once(
-                        f"cannot create a handshake probe in {host.path} ({e}); this comm "
-                        "uses TCP. Free space or inodes there, or set dask-shm.directory"
-                    )
+                warn_once(
+                    str(e.strerror)  # names the file, the size, the free space, the remedy
+                    if isinstance(e, ShmFull)
+                    else f"cannot create a handshake probe in {host.path} ({e}); this comm "
+                    "uses TCP. Free space or inodes there, or set dask-shm.directory"
+                )
                 host.release()
                 why = "fallback-probe-failed"
         if self._handshake is None:

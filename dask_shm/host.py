@@ -19,7 +19,7 @@ from dask_shm.inbox import Inbox, PeerBuffer
 from dask_shm.janitor import own, quiet_sweep
 from dask_shm.names import MODE, Directory, Owner, check_name, new_name
 
-__all__ = ["Host", "info", "warn_full_once", "warn_once"]
+__all__ = ["Host", "info", "warn_once"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class Host:
                 from dask_shm import stats
 
                 if isinstance(e, ShmFull):
-                    warn_full_once(e)
+                    warn_once(str(e.strerror))  # the file, the size, the free space, the remedy
                     stats.count("fallback-enospc")
                 else:
                     warn_once(
@@ -205,22 +205,16 @@ class Host:
 
 os.register_at_fork(after_in_child=Host.reset_after_fork)
 
-_full_warned = False
-
-
-def warn_full_once(exc: ShmFull) -> None:
-    """Say once per process that the directory is full (``exc`` names the
-    file, the size, the free space and the remedy)."""
-    warn_once(str(exc.strerror))
+_warned = False
 
 
 def warn_once(message: str) -> None:
     """Log ``message`` as a warning if no trouble with shared memory has been
     logged in this process yet: a lasting condition (a full directory, one
     without inodes) would otherwise be logged for every comm."""
-    global _full_warned
-    if not _full_warned:
-        _full_warned = True
+    global _warned
+    if not _warned:
+        _warned = True
         logger.warning("dask-shm: %s (shown once per process)", message)
 
 

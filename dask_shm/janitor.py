@@ -137,7 +137,10 @@ def sweep(
     directory: Directory, *, owner: Owner | None = None, dry_run: bool = False
 ) -> list[FileInfo]:
     """Remove files whose owner process is dead; return what was (or would be)
-    removed.  With ``owner``, only that process's files are considered."""
+    removed.  With ``owner``, only that process's files are considered (and
+    the directory is not even read while it lives)."""
+    if owner is not None and owner.alive():
+        return []
     removed = []
     for info in list_files(directory, owner):
         if not info.alive and (dry_run or directory.unlink(info.name)):

@@ -16,7 +16,6 @@ import os
 import resource
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -404,7 +403,7 @@ def cancel_handshake(args: list[str]) -> None:
 
     from dask_shm.host import Host
     from dask_shm.config import settings
-    from tests.conftest import our_fds, ours
+    from tests.conftest import our_fds, ours, until
 
     def filled(host: Host) -> bool:
         return host.buffer is not None and host.buffer.view is not None
@@ -425,9 +424,7 @@ def cancel_handshake(args: list[str]) -> None:
                 outcome = "connected"
             except asyncio.CancelledError:
                 outcome = "cancelled after filling" if done_filling else "cancelled while filling"
-            deadline = time.monotonic() + 30  # both ends let go of our shared memory
-            while Host._hosts and time.monotonic() < deadline:
-                await asyncio.sleep(0.001)
+            await until(lambda: not Host._hosts, 30)  # both ends let go of our shared memory
         return outcome
 
     with dask.config.set({"dask-shm.buffer-size": "256 MiB"}):

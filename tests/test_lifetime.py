@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -164,17 +165,26 @@ def test_a_message_nobody_reads_holds_its_regions_until_the_receiver_goes(shm_co
 # -- a full directory ---------------------------------------------------------
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 64 MiB tmpfs, like Docker's default /dev/shm."""
+@contextmanager
+def tmpfs(tmp_path: Path, options: str) -> Iterator[Path]:
+    """A tmpfs of our own (``mount -o options``), and a process that has
+    warned of nothing yet."""
     mnt = tmp_path / "shm"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=1777", "tmpfs", str(mnt)], check=True)
-    dask_shm.host._full_warned = False
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"{options},mode=1777", "tmpfs", str(mnt)],
+                   check=True)
+    dask_shm.host._warned = False
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB tmpfs, like Docker's default /dev/shm."""
+    with tmpfs(tmp_path, "size=64m") as mnt:
+        yield mnt
 
 
 def of_ours(directory: Path) -> list[str]:
@@ -248,13 +258,8 @@ def test_a_directory_without_inodes_falls_back_to_tcp_and_warns_once(
     """A tmpfs with room but no inode left (``nr_inodes``): no file of ours
     can be created, so every comm is plain TCP, its messages arrive intact,
     and the condition is logged once, not once per comm."""
-    mnt = tmp_path / "shm"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=2,mode=1777", "tmpfs",
-                    str(mnt)], check=True)
-    dask_shm.host._full_warned = False
     x = np.arange(10**6)  # 8 MB
-    try:
+    with tmpfs(tmp_path, "size=64m,nr_inodes=2") as mnt:
         while True:  # take the inodes left, whatever the root directory used
             try:
                 (mnt / f"someone-elses-{len(list(mnt.iterdir()))}").touch()
@@ -275,8 +280,6 @@ def test_a_directory_without_inodes_falls_back_to_tcp_and_warns_once(
         said = [r.getMessage() for r in caplog.records if r.name.startswith("dask_shm")]
         assert len(said) == 1 and "inodes" in said[0], said
         assert not of_ours(mnt)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def _occupy(path: Path, nbytes: int) -> None:
