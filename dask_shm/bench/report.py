@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dask_shm.bench.mixed import STEPS
 from dask_shm.bench.paired import iqr, median
 from dask_shm.bench.results import Case, Run
+from dask_shm.bench.workloads import NO_TRANSFER
 
 __all__ = ["fmt_size", "tables", "benchmark_md", "readme_summary", "README_MARKERS"]
 
@@ -93,6 +94,24 @@ def workloads_table(cases: list[Case]) -> str:
         fmt_size(c.median("tcp", "lo")), fmt_size(c.median("shm", "lo")),
     ] for c in cases]
     return _table(head, rows)
+
+
+def ceiling_table(cases: list[Case]) -> str:
+    """Workloads also run with no transfer (see ``dask_shm.bench.workloads``):
+    how much of what a transport could gain shm:// gets.  Empty if none."""
+    rows = [[
+        c.name,
+        _x(c.ratio("tcp", "shm")), _x(c.ratio("tcp", NO_TRANSFER)),
+        _x(c.ratio("shm", "tcp", "cpu")), _x(c.ratio(NO_TRANSFER, "tcp", "cpu")),
+        _s(c.median(NO_TRANSFER)), _s(c.median(NO_TRANSFER, "cpu")),
+    ] for c in cases if c.values(NO_TRANSFER)]
+    if not rows:
+        return ""
+    head = ["workload", "wall tcp/shm", "wall tcp/no transfer (ceiling)", "worker CPU shm/tcp",
+            "worker CPU no transfer/tcp (floor)", "wall no transfer (s)", "CPU no transfer (s)"]
+    return ("The same work with no data crossing between processes, on the tcp:// cluster, "
+            "interleaved with the others: what a transport that cost nothing would give.\n\n"
+            + _table(head, rows))
 
 
 def counters_table(cases: list[Case]) -> str:
@@ -180,7 +199,9 @@ _SECTIONS: dict[str, tuple[str, str, Callable[[Run], str]]] = {
         "Real workloads",
         "Medians of paired ratios; wall tcp/shm above 1 means shm is faster, worker CPU and "
         "loopback bytes shm/tcp below 1 mean shm is cheaper. Absolute figures are medians.",
-        lambda r: workloads_table(r.section("workloads")) + "\n\n" + counters_table(r.section("workloads")),
+        lambda r: "\n\n".join(t for t in (
+            workloads_table(r.section("workloads")), ceiling_table(r.section("workloads")),
+            counters_table(r.section("workloads"))) if t),
     ),
     "mixed": (
         "Mixed sequence",

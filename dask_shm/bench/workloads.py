@@ -12,6 +12,11 @@ repetition:
 * bytes received on the loopback interface (what shared memory did not
   carry; both transports send Dask's small control messages over TCP).
 
+Where the work can be run with its transfers taken away (the futures
+workload: each array consumed on the worker that made it), that variant is
+timed too, on the ``tcp://`` cluster, interleaved with the others: the
+ceiling of tcp/shm, what a transport that cost nothing would give.
+
 Inputs are made and persisted before timing (untimed, per cluster or per
 repetition), so that what is timed is the transfers and the work on them;
 results are released, and the scheduler drained, between repetitions.
@@ -31,9 +36,11 @@ from dask_shm.bench.clusters import TRANSPORTS, measure, n_tasks, settle, worker
 from dask_shm.bench.paired import interleaved
 from dask_shm.bench.results import Case
 
-__all__ = ["Workload", "make_workloads", "run_workloads"]
+__all__ = ["Workload", "make_workloads", "run_workloads", "NO_TRANSFER"]
 
 SECTION = "workloads"
+#: The samples of a workload's ``ceiling`` (see :class:`Workload`).
+NO_TRANSFER = "no transfer"
 #: Rechunked arrays are cut in this many stripes.
 STRIPES = 8
 #: Below this ``size`` (a --quick run) the matmul and the shuffle are cut in
@@ -52,7 +59,9 @@ class Workload:
     ``setup(client)`` makes the persisted inputs, once per cluster;
     ``prepare(client, inputs)`` makes per-repetition inputs (untimed);
     ``run(client, prepared)`` is the timed part and returns what it holds
-    until the repetition ends.
+    until the repetition ends; ``ceiling(client, prepared)``, if given, is
+    the same work with no data crossing between processes, timed on the
+    ``tcp://`` cluster: the bound of any transport.
     """
 
     name: str
@@ -61,6 +70,7 @@ class Workload:
     run: Callable[[Any, Any], Any]
     prepare: Callable[[Any, Any], Any] = lambda client, inputs: inputs
     config: dict[str, Any] | None = None
+    ceiling: Callable[[Any, Any], Any] | None = None
 
 
 def _persisted(client: Any, collection: Any) -> Any:
@@ -167,18 +177,21 @@ def _produce(client: Any, sizes: list[int]) -> list[Any]:
 def _futures(sizes: list[int]) -> Workload:
     """Arrays of mixed sizes, each made on one worker and consumed on the
     next (``workers=``), which reads it and keeps it until the repetition
-    ends: worker-to-worker transfers whose data the receiver holds."""
+    ends: worker-to-worker transfers whose data the receiver holds.  Its
+    ceiling consumes each array where it was made."""
     from distributed import wait
 
-    def run(client: Any, made: list[Any]) -> Any:
+    def consume(client: Any, made: list[Any], shift: int) -> Any:
         ws = workers(client)
-        held = [client.submit(_touch_and_keep, f, workers=[ws[(i + 1) % len(ws)]], pure=False)
+        held = [client.submit(_touch_and_keep, f, workers=[ws[(i + shift) % len(ws)]], pure=False)
                 for i, f in enumerate(made)]
         wait(held)
         return held
 
-    return Workload("futures: arrays passed between workers", sum(sizes), lambda c: None, run,
-                    prepare=lambda client, _: _produce(client, sizes))
+    return Workload("futures: arrays passed between workers", sum(sizes), lambda c: None,
+                    functools.partial(consume, shift=1),
+                    prepare=lambda client, _: _produce(client, sizes),
+                    ceiling=functools.partial(consume, shift=0))
 
 
 def _gather(sizes: list[int]) -> Workload:
@@ -244,12 +257,14 @@ def run_workloads(clients: dict[str, Any], workloads: list[Workload], reps: int,
             inputs = {s: w.setup(c) for s, c in clients.items()}
             baseline = {s: n_tasks(c) for s, c in clients.items()}
             before = _counters(clients["shm"])
+            variants = (*TRANSPORTS, NO_TRANSFER) if w.ceiling else TRANSPORTS
             for rep in range(reps + 1):
-                for s in interleaved(TRANSPORTS, rep):
+                for v in interleaved(variants, rep):
+                    s, timed = ("tcp", w.ceiling) if v == NO_TRANSFER else (v, w.run)
                     client = clients[s]
                     prepared = w.prepare(client, inputs[s])
-                    metrics, held = measure(client, functools.partial(w.run, client, prepared))
-                    case.add(s, metrics, warmup=rep == 0)
+                    metrics, held = measure(client, functools.partial(timed, client, prepared))
+                    case.add(v, metrics, warmup=rep == 0)
                     del held, prepared
                     settle(client, baseline[s])
             after = _counters(clients["shm"])
