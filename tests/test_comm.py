@@ -24,7 +24,7 @@ from distributed.protocol import to_serialize
 
 import dask_shm.comm
 from dask_shm import stats
-from dask_shm.comm import SHM, SHMBackend, _Envelope, _offloads, _reaches
+from dask_shm.comm import _SAMPLE, SHM, SHMBackend, _Envelope, _offloads, _reaches
 from dask_shm.descriptor import INLINE, encode
 from dask_shm.names import PREFIX, Directory, current_owner, new_name
 
@@ -1110,6 +1110,35 @@ def test_size_estimate_sends_what_may_be_large_through_shared_memory() -> None:
     assert _reaches(ToPickle(big), 4 << 20)
     assert not _reaches({"x": to_serialize(small), "op": "get_data", "n": 3}, 4 << 20)
     assert not _reaches(b"ok", 4 << 20)
+
+
+class _Sized:
+    """An object whose ``sizeof`` is counted (and says 1 MB)."""
+
+    calls = 0
+
+    def __sizeof__(self) -> int:
+        _Sized.calls += 1
+        return 10**6
+
+
+def test_size_estimate_costs_a_bounded_number_of_looks() -> None:
+    """It runs for every message: a batch of thousands of small messages, or
+    a task spec, must not cost more to size than to serialize."""
+    from distributed.protocol.serialize import ToPickle
+
+    _Sized.calls = 0
+    # A long list is sized from a sample, scaled: 10,000 x 1 MB
+    assert _reaches([to_serialize(_Sized()) for _ in range(10_000)], 4 << 20)
+    assert 0 < _Sized.calls <= 2 * _SAMPLE
+    # A batch of many small messages: small, from a sample too
+    _Sized.calls = 0
+    assert not _reaches([{"op": "task-finished", "key": str(i), "nbytes": 8} for i in range(10**4)],
+                        4 << 20)
+    # distributed's task specs (ToPickle) are not sized; data (Serialize) is
+    assert not _reaches({"op": "compute-task", "run_spec": ToPickle(_Sized())}, 4 << 10)
+    assert _Sized.calls == 0
+    assert _reaches({"op": "get_data", "data": {"k": to_serialize(_Sized())}}, 4 << 10)
 
 
 def test_offload_follows_distributed() -> None:
