@@ -242,8 +242,14 @@ def _reaches(msg: Any, threshold: int) -> bool:
 #: Elements of a container that :func:`_estimate` looks at.  A longer one (a
 #: batched stream's thousand messages, a p2p shuffle's shards) is estimated
 #: from an even sample of this many, scaled to its length, as Dask's sizeof
-#: samples 10.  Looking at every element made a scheduler's batches of
-#: compute-task messages cost more to size than to serialize.
+#: samples 10.  Measured (2-core VM, 2026-12-01): looking at up to 10,000
+#: objects, and sizing task specs, made a scheduler's batches cost more to
+#: size than to serialize: a sum of 2500 chunks of 29 KB ran at 0.82x tcp's
+#: wall with 1.25x the CPU (all processes); with 16, at 0.96-1.11x and
+#: 0.90-1.06x (two runs), while the p2p shuffle and rechunk still sent 99.9%
+#: of their bytes through shared memory (their shards are alike, so a sample
+#: finds them).  The cost is linear in it: ~50 us for a batch of a thousand
+#: messages, against ~800 us for msgpack to serialize it.
 _SAMPLE = 16
 
 

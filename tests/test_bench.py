@@ -62,8 +62,8 @@ def _hand_made_run() -> Run:
              paired: bool = True) -> Case:
         return Case(section, name, nbytes, transports, {}, paired)
 
-    both = {"tcp": {"wall": [0.2, 0.3], "cpu": [0.4, 0.6], "lo": [4e8, 4e8]},
-            "shm": {"wall": [0.1, 0.1], "cpu": [0.2, 0.3], "lo": [1e6, 0.0]}}
+    both = {"tcp": {"wall": [0.2, 0.3], "cpu": [0.4, 0.6], "cpu_all": [1.0, 1.0], "lo": [4e8, 4e8]},
+            "shm": {"wall": [0.1, 0.1], "cpu": [0.2, 0.3], "cpu_all": [0.8, 0.6], "lo": [1e6, 0.0]}}
     cases = [
         case("workloads", "futures", 4 * 10**8,
              {**both, NO_TRANSFER: {"wall": [0.1, 0.1], "cpu": [0.1, 0.1], "lo": [0.0, 0.0]}}),
@@ -93,8 +93,8 @@ def test_report_regenerates_from_json_alone(tmp_path: Path, capsys: pytest.Captu
     for title in TITLES.values():
         assert title in md, title
     assert "## Method" in md and "test CPU" in md and "not in this test" in md
-    # wall tcp/shm 2.50, CPU shm/tcp 0.50, loopback shm/tcp 0.1%: paired medians, oriented
-    assert "| futures | 400 MB | 2.50 | 0.50 | 0.1% |" in md
+    # wall tcp/shm 2.50, CPU shm/tcp 0.50 (all 0.70), loopback shm/tcp 0.1%: paired medians, oriented
+    assert "| futures | 400 MB | 2.50 | 0.50 | 0.70 | 0.1% |" in md
     # its ceiling: tcp/no transfer 2/1 and 3/1, CPU no transfer/tcp 1/4 and 1/6
     assert "| futures | 2.50 | 2.50 | 0.50 | 0.21 | 0.1 | 0.1 |" in md
     assert "![Real workloads](workloads.png)" in md and (out / "workloads.png").stat().st_size

@@ -4,8 +4,9 @@ Both transports are measured side by side in the same run, their
 repetitions interleaved, and compared by the median of paired ratios.
 Sections:
 
-  workloads  real Dask work (rechunks, matmul, p2p shuffle, futures, gather):
-             wall time, worker CPU and loopback bytes
+  workloads  real Dask work (rechunks, matmul, many small chunks, p2p
+             shuffle, futures, gather): wall time, worker CPU and loopback
+             bytes
   mixed      worker->worker, scatter, gather, round after round
   transfers  one path repeated: comm one-way and cluster paths by payload
              size, with memcpy as the physical bound

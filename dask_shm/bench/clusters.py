@@ -69,18 +69,21 @@ def worker_cpu(client: Any) -> float:
 
 
 def measure(client: Any, fn: Callable[[], Any]) -> tuple[dict[str, float], Any]:
-    """Run ``fn`` once; return its wall time, the workers' CPU time and the
-    loopback bytes it caused, and what it returned (for the caller to hold
-    until the repetition ends).  The CPU readings bracket the loopback
-    readings, so their own messages are not counted as traffic."""
-    cpu0 = worker_cpu(client)
+    """Run ``fn`` once; return its wall time, the workers' CPU time, the CPU
+    time of all processes (the workers and this one, which runs both
+    clusters' schedulers and clients: the idle cluster's share is small and
+    falls on both transports alike), the loopback bytes it caused, and what
+    it returned (for the caller to hold until the repetition ends).  The CPU
+    readings bracket the loopback readings, so their own messages are not
+    counted as traffic."""
+    cpu0, here0 = worker_cpu(client), _cpu_seconds()
     lo0 = loopback_rx_bytes()
     t0 = time.perf_counter()
     out = fn()
     wall = time.perf_counter() - t0
     lo = loopback_rx_bytes() - lo0
-    cpu = worker_cpu(client) - cpu0
-    return {"wall": wall, "cpu": cpu, "lo": float(lo)}, out
+    cpu, here = worker_cpu(client) - cpu0, _cpu_seconds() - here0
+    return {"wall": wall, "cpu": cpu, "cpu_all": cpu + here, "lo": float(lo)}, out
 
 
 def _n_tasks(dask_scheduler: Any) -> int:

@@ -43,8 +43,9 @@ SECTION = "workloads"
 NO_TRANSFER = "no transfer"
 #: Rechunked arrays are cut in this many stripes.
 STRIPES = 8
-#: Below this ``size`` (a --quick run) the matmul and the shuffle are cut in
-#: fewer pieces: their per-task overhead, not the bytes, would set the time.
+#: Below this ``size`` (a --quick run) the matmul, the small chunks and the
+#: shuffle are cut in fewer pieces: their per-task overhead, not the bytes,
+#: would set the time.
 SMALL = 10**8
 #: Payloads of the futures and gather workloads, as fractions of ``size``:
 #: 1, 10, 40, 100 and 200 MB at the default 400 MB (mixed sizes, some below
@@ -118,6 +119,25 @@ def _matmul(size: int, blocks: int) -> Workload:
         return client.compute((x @ x.T).sum()).result()
 
     return Workload("dask.array matmul (x @ x.T).sum()", n * n * 8, setup, run)
+
+
+def _small_chunks(blocks: int) -> Workload:
+    """``(x + x.T).sum()`` on ``blocks`` x ``blocks`` chunks of 32 KB:
+    thousands of small tasks and transfers, every message below the
+    threshold.  What it measures is the comm's cost per message, which
+    shared memory must not raise."""
+    import dask.array as da
+
+    n = blocks * 64
+
+    def setup(client: Any) -> Any:
+        return _persisted(client, da.random.random((n, n), chunks=64))
+
+    def run(client: Any, x: Any) -> Any:
+        return client.compute((x + x.T).sum()).result()
+
+    return Workload(f"dask.array (x + x.T).sum(), {blocks * blocks} chunks of 32 KB", n * n * 8,
+                    setup, run)
 
 
 # -- dask.dataframe --------------------------------------------------------------
@@ -211,7 +231,8 @@ def make_workloads(size: int, skipped: dict[str, str]) -> list[Workload]:
     missing are left out, with the reason in ``skipped``."""
     small = size < SMALL
     mixed = [max(1000, int(size * f)) for f in MIXED_FRACTIONS]
-    out = [_rechunk(size, "tasks"), _rechunk(size, "p2p"), _matmul(size, 2 if small else 4)]
+    out = [_rechunk(size, "tasks"), _rechunk(size, "p2p"), _matmul(size, 2 if small else 4),
+           _small_chunks(8 if small else 30)]
     try:
         import pandas  # noqa: F401
         import pyarrow  # noqa: F401  (p2p shuffles need it)
