@@ -111,7 +111,8 @@ def ceiling_table(cases: list[Case]) -> str:
     head = ["workload", "wall tcp/shm", "wall tcp/no transfer (ceiling)", "worker CPU shm/tcp",
             "worker CPU no transfer/tcp (floor)", "wall no transfer (s)", "CPU no transfer (s)"]
     return ("The same work with no data crossing between processes, on the tcp:// cluster, "
-            "interleaved with the others: what a transport that cost nothing would give.\n\n"
+            "after both transports in each repetition: what a transport that cost nothing would "
+            "give.\n\n"
             + _table(head, rows))
 
 
