@@ -105,10 +105,11 @@ class Link:
         self.queue: deque[tuple[list[memoryview], bool]] | None = None
         #: The task streaming the queue (see SHM._pump).
         self.pump: asyncio.Future[None] | None = None
-        #: Writes on their way straight to TCP (small messages, envelopes,
-        #: in-place descriptors).  Their serialization may yield (distributed
-        #: offloads what is large or what it cannot size), so a stream starts
-        #: only once they are in the stream (``drained``).
+        #: Writes on their way straight to TCP on a link that streams (small
+        #: messages, envelopes, in-place descriptors).  Their serialization
+        #: may yield (distributed offloads what is large or what it cannot
+        #: size), so a stream starts only once they are in the stream
+        #: (``drained``).
         self.direct = 0
         self.drained: asyncio.Future[None] | None = None
         #: The comm's loop, which a finalizer hands the link's end to.
@@ -231,7 +232,7 @@ def _reaches(msg: Any, threshold: int) -> bool:
     """Whether ``msg`` may carry ``threshold`` bytes or more: the test that
     sends it through shared memory or straight to TCP.  It runs for every
     message on every linked comm, so its cost is bounded (see
-    :func:`_estimate`); ~1 us for a small message, ~20 us for a batch of a
+    :func:`_estimate`); ~1 us for a small message, ~50 us for a batch of a
     thousand, where distributed's msgpack takes ~800 us."""
     try:
         return _estimate(msg, True) >= threshold
