@@ -105,11 +105,12 @@ class Link:
         self.queue: deque[tuple[list[memoryview], bool]] | None = None
         #: The task streaming the queue (see SHM._pump).
         self.pump: asyncio.Future[None] | None = None
-        #: Writes on their way straight to TCP on a link that streams (small
-        #: messages, envelopes, in-place descriptors).  Their serialization
-        #: may yield (distributed offloads what is large or what it cannot
-        #: size), so a stream starts only once they are in the stream
-        #: (``drained``).
+        #: Writes on their way straight to TCP: envelopes, in-place
+        #: descriptors, and small messages on a link that streams (on one
+        #: that reads in place they go to TCP uncounted).  Their
+        #: serialization may yield (distributed offloads what is large or
+        #: what it cannot size), so a stream starts only once they are in
+        #: the stream (``drained``).
         self.direct = 0
         self.drained: asyncio.Future[None] | None = None
         #: The comm's loop, which a finalizer hands the link's end to.
