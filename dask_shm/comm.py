@@ -63,8 +63,6 @@ IN_FLIGHT = 2
 #: fragments of the packed stream do that job.
 NO_SPLIT = 2**62
 
-_unusable_warned = False
-
 
 class Link:
     """What a comm negotiated: shared memory with a proven peer.
@@ -379,7 +377,6 @@ def _offloads(allow: bool, nbytes: int) -> bool:
 def _local_host() -> tuple[Settings, Host | None, str | None]:
     """Settings, this process's host if it may use shared memory, and why
     not (a fallback counter name) otherwise."""
-    global _unusable_warned
     conf = settings()
     metrics.ensure_registered()
     if not conf.enabled:
@@ -388,13 +385,10 @@ def _local_host() -> tuple[Settings, Host | None, str | None]:
 
     reason = Directory.unusable_reason(conf.directory)
     if reason is not None:
-        if not _unusable_warned:
-            _unusable_warned = True
-            logger.warning(
-                "dask-shm: shared memory is unusable (%s); shm:// comms use plain TCP. "
-                "Set dask-shm.directory to a writable tmpfs to enable it.",
-                reason,
-            )
+        warn_once(
+            f"shared memory is unusable ({reason}); shm:// comms use plain TCP. "
+            "Set dask-shm.directory to a writable tmpfs to enable it"
+        )
         return conf, None, "fallback-disabled"
     try:
         return conf, Host.acquire(conf.directory, conf.buffer_size), None

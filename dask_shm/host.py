@@ -151,9 +151,7 @@ class Host:
                     left = self.closed  # everyone left meanwhile
                 if left:
                     self._close()
-            if left:
-                return None
-            return buffer if buffer.view is not None else None
+            return None if left or buffer.view is None else buffer
 
     def peer(self, name: object, owner: Owner, size: object) -> PeerBuffer:
         """The peer buffer ``name`` (opened once per host)."""

@@ -23,7 +23,6 @@ from distributed.comm.core import Comm
 from distributed.protocol import to_serialize
 
 import dask_shm.host
-import dask_shm.comm
 from dask_shm import host as hosts, stats
 from dask_shm.buffers import Buffer
 from dask_shm.errors import ShmFull
@@ -465,7 +464,7 @@ def test_unusable_directory_is_plain_tcp_with_one_warning(
     ro = tmp_path / "ro"
     ro.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True)
-    dask_shm.comm._unusable_warned = False
+    dask_shm.host._warned = False
     try:
 
         async def main() -> None:
