@@ -14,7 +14,7 @@ import pytest
 from dask_shm.bench import SECTIONS, main
 from dask_shm.bench.paired import interleaved, iqr, median, paired_ratio, ratio_of_medians
 from dask_shm.bench.results import Case, Run, load, save
-from dask_shm.bench.workloads import NO_TRANSFER
+from dask_shm.bench.workloads import CONTROL, NO_TRANSFER
 
 DASK = str(Path(sys.executable).parent / "dask")
 #: The headings the report gives each section.
@@ -41,6 +41,9 @@ def test_paired_ratio_is_the_median_of_per_pair_ratios() -> None:
 
 def test_interleaving_alternates_which_transport_goes_first() -> None:
     assert [interleaved(["tcp", "shm"], r)[0] for r in range(4)] == ["tcp", "shm", "tcp", "shm"]
+    # with the control, each takes each place once in three repetitions
+    orders = [interleaved(["tcp", "shm", CONTROL], r) for r in range(3)]
+    assert all(sorted(o[i] for o in orders) == sorted(orders[0]) for i in range(3))
 
 
 def test_case_keeps_the_warmup_apart_and_orients_ratios() -> None:
@@ -66,7 +69,8 @@ def _hand_made_run() -> Run:
             "shm": {"wall": [0.1, 0.1], "cpu": [0.2, 0.3], "cpu_all": [0.8, 0.6], "lo": [1e6, 0.0]}}
     cases = [
         case("workloads", "futures", 4 * 10**8,
-             {**both, NO_TRANSFER: {"wall": [0.1, 0.1], "cpu": [0.1, 0.1], "lo": [0.0, 0.0]}}),
+             {**both, NO_TRANSFER: {"wall": [0.1, 0.1], "cpu": [0.1, 0.1], "lo": [0.0, 0.0]},
+              CONTROL: {"wall": [0.25, 0.3], "cpu": [0.4, 0.9], "lo": [4e8, 4e8]}}),
         case("mixed", "worker->worker", 4 * 10**8, both),
         case("mixed", "memcpy", 4 * 10**8, {"memcpy": {"wall": [0.03, 0.03]}}, paired=False),
         case("transfers", "memcpy", 10**6, {"memcpy": {"wall": [1e-4, 1e-4]}}, paired=False),
@@ -93,8 +97,9 @@ def test_report_regenerates_from_json_alone(tmp_path: Path, capsys: pytest.Captu
     for title in TITLES.values():
         assert title in md, title
     assert "## Method" in md and "test CPU" in md and "not in this test" in md
-    # wall tcp/shm 2.50, CPU shm/tcp 0.50 (all 0.70), loopback shm/tcp 0.1%: paired medians, oriented
-    assert "| futures | 400 MB | 2.50 | 0.50 | 0.70 | 0.1% |" in md
+    # wall tcp/shm 2.50, CPU shm/tcp 0.50 (all 0.70), loopback shm/tcp 0.1%: paired medians,
+    # oriented; noise: tcp/tcp again 0.8 and 1.0, CPU tcp again/tcp 1.0 and 1.5
+    assert "| futures | 400 MB | 2.50 | 0.50 | 0.70 | 0.1% | 0.90 / 1.25 |" in md
     # its ceiling: tcp/no transfer 2/1 and 3/1, CPU no transfer/tcp 1/4 and 1/6
     assert "| futures | 2.50 | 2.50 | 0.50 | 0.21 | 0.1 | 0.1 |" in md
     assert "![Real workloads](workloads.png)" in md and (out / "workloads.png").stat().st_size
@@ -125,8 +130,10 @@ def test_quick_run_covers_every_section_and_its_report_regenerates(tmp_path: Pat
     for c in doc["cases"]:
         if c["section"] in ("memory", "joblib") or c["name"] == "memcpy":
             continue
-        ceiling = {NO_TRANSFER} if c["name"].startswith("futures") else set()
-        assert set(c["samples"]) == {"tcp", "shm"} | ceiling, c["name"]
+        extra = set()
+        if c["section"] == "workloads":
+            extra = {CONTROL, NO_TRANSFER} if c["name"].startswith("futures") else {CONTROL}
+        assert set(c["samples"]) == {"tcp", "shm"} | extra, c["name"]
         for metrics in c["samples"].values():
             assert all(len(v) == 1 for v in metrics.values()), c  # --reps 1, warm-up apart
     for key in ("cpu model", "kernel", "python", "versions", "shm directory size",

@@ -114,7 +114,7 @@ class _Progress:
 def run(o: dict[str, Any]) -> Any:
     """Measure the selected sections; returns a :class:`~dask_shm.bench.results.Run`."""
     from dask_shm.bench import joblib_case, memory, mixed, transfers, workloads
-    from dask_shm.bench.clusters import cluster_pair
+    from dask_shm.bench.clusters import cluster_pair, local_cluster
     from dask_shm.bench.machine import machine_info
     from dask_shm.bench.results import Case, Run
 
@@ -139,8 +139,16 @@ def run(o: dict[str, Any]) -> Any:
                       lambda c: transfers.cluster_paths(c, o["sizes"], reps, pause)))
     if "workloads" in sections:
         chosen = workloads.make_workloads(o["workload_size"], skipped)
-        steps.append(("workloads", lambda c: workloads.run_workloads(
-            c, chosen, reps, lambda name: progress(f"workloads: {name}"))))
+
+        def run_workloads(clients: dict[str, Any]) -> list[Case]:
+            progress(f"workloads: starting a second tcp:// cluster ({o['workers']} workers), "
+                     "the control")
+            with local_cluster("tcp", o["workers"]) as control:
+                return workloads.run_workloads(
+                    {**clients, workloads.CONTROL: control}, chosen, reps,
+                    lambda name: progress(f"workloads: {name}"))
+
+        steps.append(("workloads", run_workloads))
     if "mixed" in sections:
         steps.append(("mixed sequence", lambda c: mixed.mixed(c, o["large"], reps, pause)))
     if "memory" in sections:

@@ -1,7 +1,8 @@
 """Statistics of interleaved repetitions: medians, spreads and paired ratios.
 
 The benchmark runs ``tcp://`` and ``shm://`` side by side and alternates
-their repetitions (tcp, shm, shm, tcp, ...), so repetition *i* of one
+their repetitions (tcp, shm, shm, tcp, ...; with a third, each takes each
+place in turn), so repetition *i* of one
 transport ran next to repetition *i* of the other.  A noisy machine drifts
 (other tenants, frequency, page cache), and the drift hits both members of a
 pair alike; the median of the per-pair ratios cancels most of it, where the
@@ -53,10 +54,13 @@ def ratio_of_medians(num: Sequence[float], den: Sequence[float]) -> float | None
 
 
 def interleaved(names: Sequence[str], rep: int) -> list[str]:
-    """The order of repetition ``rep``: forwards on even ones, backwards on
-    odd ones, so that neither side always runs first.
+    """The order of repetition ``rep``: ``names`` rotated by ``rep``, so that
+    each takes each place in turn (for two: forwards, then backwards).
 
     >>> [interleaved(["tcp", "shm"], i) for i in range(3)]
     [['tcp', 'shm'], ['shm', 'tcp'], ['tcp', 'shm']]
+    >>> [interleaved(["a", "b", "c"], i) for i in range(3)]
+    [['a', 'b', 'c'], ['b', 'c', 'a'], ['c', 'a', 'b']]
     """
-    return list(names) if rep % 2 == 0 else list(names)[::-1]
+    k = rep % len(names) if names else 0
+    return [*names[k:], *names[:k]]

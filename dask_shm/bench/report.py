@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dask_shm.bench.mixed import STEPS
 from dask_shm.bench.paired import iqr, median
 from dask_shm.bench.results import Case, Run
-from dask_shm.bench.workloads import NO_TRANSFER
+from dask_shm.bench.workloads import CONTROL, NO_TRANSFER
 
 __all__ = ["fmt_size", "tables", "benchmark_md", "readme_summary", "README_MARKERS"]
 
@@ -85,12 +85,15 @@ def _over(a: float | None, b: float | None) -> float | None:
 
 def workloads_table(cases: list[Case]) -> str:
     head = ["workload", "data", "wall tcp/shm", "worker CPU shm/tcp", "all CPU shm/tcp",
-            "loopback shm/tcp", "wall tcp (s)", "wall shm (s)", "CPU tcp (s)", "CPU shm (s)",
+            "loopback shm/tcp", "noise: wall / worker CPU, tcp against tcp again",
+            "wall tcp (s)", "wall shm (s)", "CPU tcp (s)", "CPU shm (s)",
             "loopback tcp", "loopback shm"]
     rows = [[
         c.name, fmt_size(c.nbytes),
         _x(c.ratio("tcp", "shm")), _x(c.ratio("shm", "tcp", "cpu")),
         _x(c.ratio("shm", "tcp", "cpu_all")), _pct(c.ratio("shm", "tcp", "lo")),
+        f"{_x(c.ratio('tcp', CONTROL))} / {_x(c.ratio(CONTROL, 'tcp', 'cpu'))}"
+        if c.values(CONTROL) else "-",
         _s(c.median("tcp")), _s(c.median("shm")), _s(c.median("tcp", "cpu")), _s(c.median("shm", "cpu")),
         fmt_size(c.median("tcp", "lo")), fmt_size(c.median("shm", "lo")),
     ] for c in cases]
@@ -202,7 +205,9 @@ _SECTIONS: dict[str, tuple[str, str, Callable[[Run], str]]] = {
         "Medians of paired ratios; wall tcp/shm above 1 means shm is faster, CPU and "
         "loopback bytes shm/tcp below 1 mean shm is cheaper. Worker CPU is the workers'; all "
         "CPU adds the benchmark's own process, which runs the schedulers and the clients. "
-        "Absolute figures are medians; CPU ones are the workers'.",
+        "Noise is the same two ratios between two tcp:// clusters (an A/A control): a tcp/shm "
+        "ratio as far from 1 as that says nothing. Absolute figures are medians; CPU ones are "
+        "the workers'.",
         lambda r: "\n\n".join(t for t in (
             workloads_table(r.section("workloads")), ceiling_table(r.section("workloads")),
             counters_table(r.section("workloads"))) if t),
@@ -309,6 +314,11 @@ def _method(run: Run) -> str:
         "- The loopback counter is host-wide: anything else using `lo` meanwhile is counted too.",
         "- 1 MB = 10^6 bytes.",
     ]
+    if any(c.values(CONTROL) for c in run.section("workloads")):
+        lines.insert(4, "- The workloads also run on a second tcp:// cluster, a third member of "
+                     "each repetition (the order rotates: each cluster takes each place in turn). "
+                     "tcp against tcp again is an A/A control: the noise of the machine and of the "
+                     "method, in the same units as the tcp/shm ratios.")
     if o.get("quick"):
         lines.append("- **This was a `--quick` run**: small payloads and few repetitions. It checks "
                      "that everything runs; its ratios say little about large transfers.")

@@ -12,6 +12,10 @@ repetition:
 * bytes received on the loopback interface (what shared memory did not
   carry; both transports send Dask's small control messages over TCP).
 
+A second ``tcp://`` cluster runs every workload too, as a third member of
+each repetition: tcp against tcp again is the noise of this machine and of
+the method (an A/A comparison), beside which the tcp/shm ratios are read.
+
 Where the work can be run with its transfers taken away (the futures
 workload: each array consumed on the worker that made it), that variant is
 timed too, on the ``tcp://`` cluster, after both transports in each
@@ -33,15 +37,17 @@ from typing import Any
 
 import numpy as np
 
-from dask_shm.bench.clusters import TRANSPORTS, measure, n_tasks, settle, workers
+from dask_shm.bench.clusters import measure, n_tasks, settle, workers
 from dask_shm.bench.paired import interleaved
 from dask_shm.bench.results import Case
 
-__all__ = ["Workload", "make_workloads", "run_workloads", "NO_TRANSFER"]
+__all__ = ["Workload", "make_workloads", "run_workloads", "NO_TRANSFER", "CONTROL"]
 
 SECTION = "workloads"
 #: The samples of a workload's ``ceiling`` (see :class:`Workload`).
 NO_TRANSFER = "no transfer"
+#: The samples of the second ``tcp://`` cluster (the A/A control).
+CONTROL = "tcp again"
 #: Rechunked arrays are cut in this many stripes.
 STRIPES = 8
 #: Below this ``size`` (a --quick run) the matmul, the small chunks and the
@@ -266,9 +272,10 @@ def _counters(client: Any) -> dict[str, int]:
 
 def run_workloads(clients: dict[str, Any], workloads: list[Workload], reps: int,
                   progress: Callable[[str], None]) -> list[Case]:
-    """Each workload on both clusters, repetitions interleaved; the first of
-    each transport is a warm-up.  Also records, per workload, the change in
-    dask-shm's counters on the ``shm://`` cluster's workers."""
+    """Each workload on every cluster in ``clients`` (the transports, and
+    :data:`CONTROL` if given), repetitions interleaved; the first of each is
+    a warm-up.  Also records, per workload, the change in dask-shm's
+    counters on the ``shm://`` cluster's workers."""
     import dask
 
     cases = []
@@ -285,7 +292,7 @@ def run_workloads(clients: dict[str, Any], workloads: list[Workload], reps: int,
             # repetitions only, run slower.
             ceiling = [NO_TRANSFER] if w.ceiling else []
             for rep in range(reps + 1):
-                for v in interleaved(TRANSPORTS, rep) + ceiling:
+                for v in interleaved(list(clients), rep) + ceiling:
                     s, timed = ("tcp", w.ceiling) if v == NO_TRANSFER else (v, w.run)
                     client = clients[s]
                     prepared = w.prepare(client, inputs[s])
