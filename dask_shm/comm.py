@@ -6,13 +6,23 @@ Like distributed's TLS comm, this is TCP with what differs changed: the comm
 class extends the handshake and wraps ``read``/``write``; the connector,
 listener and backend only swap the prefix and the comm class.
 
-distributed names used here beyond its documented comm API (pin the
-distributed range in setup.cfg): ``TCP``, ``TCPConnector``, ``TCPListener``,
-``BaseTCPBackend`` (to subclass), ``to_frames``/``from_frames`` and
-``OFFLOAD_THRESHOLD`` (``distributed.comm.utils``), ``host_array``
-(``distributed.protocol.utils``), ``offload``, ``nbytes`` and
-``ensure_memoryview`` (``distributed.utils``).  None starts with an
-underscore.
+distributed names dask_shm uses beyond its documented comm and
+serialization API, in every module (pin the distributed range in
+setup.cfg):
+
+- here: ``TCP``, ``TCPConnector``, ``TCPListener``, ``BaseTCPBackend`` (to
+  subclass), ``to_frames``/``from_frames`` and ``OFFLOAD_THRESHOLD``
+  (``distributed.comm.utils``), ``host_array``
+  (``distributed.protocol.utils``), ``Pickled``, ``ToPickle`` and
+  ``Serialized`` (``distributed.protocol.serialize``), ``safe_sizeof``
+  (``distributed.sizeof``), ``offload``, ``nbytes`` and
+  ``ensure_memoryview`` (``distributed.utils``);
+- :mod:`dask_shm.family`: ``distributed.protocol.pickle`` (``dumps`` and
+  ``loads`` with out-of-band buffers);
+- :mod:`dask_shm.config`: ``distributed.protocol.serialize.families`` (the
+  registered family names, to validate ``dask-shm.serializers``).
+
+None starts with an underscore.
 """
 
 from __future__ import annotations
