@@ -33,6 +33,7 @@ import errno
 import logging
 import os
 import pickle
+import sys
 import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -105,6 +106,10 @@ class Link:
         self.serializers = conf.serializers
         #: The peer reads our frames in place (one copy): set by the handshake.
         self.single_copy = False
+        #: The peer is this very process (a client in its scheduler's
+        #: process): frames may be handed over rather than copied (see
+        #: :func:`_take`).
+        self.same_process = peer == current_owner()
         self.below_threshold = stats.Tally("below-threshold")
         #: While a message streams through the buffer, the messages written
         #: after it, serialized, in order: (frames, through the buffer?).  No
@@ -307,6 +312,56 @@ def _estimate(x: Any, data: bool) -> int:
 _SCALARS = frozenset((int, float, bool, type(None)))
 
 
+#: Arrays pinned for a reader in this same process, by address, weakly: the
+#: frames a relay received and now forwards to a client in its own process
+#: (a LocalCluster's scheduler and client).  Each entry is taken or dropped
+#: by the reader of its message, or goes with its array.
+_handoffs: dict[int, weakref.ref[np.ndarray]] = {}
+#: References to a pinned array when only its pin holds it: the pinned
+#: memoryview's buffer, :func:`_take`'s local name, and ``getrefcount``'s
+#: argument.
+_ONLY_PINNED = 3
+
+
+def _offer(frame: Any) -> None:
+    """Let a reader in this process take ``frame`` over instead of copying
+    it, if it is an array the reader could have allocated itself (what
+    ``host_array`` makes: one-dimensional bytes that own their memory)."""
+    if (
+        type(frame) is np.ndarray
+        and frame.dtype == np.uint8
+        and frame.ndim == 1
+        and frame.base is None
+        and frame.flags.writeable
+        and frame.nbytes
+    ):
+        address = frame.ctypes.data
+        _handoffs[address] = weakref.ref(frame, lambda _, a=address: _forget(a))
+
+
+def _forget(address: int) -> None:
+    # A weakref callback (it may run in any thread): no lock, one dict step.
+    _handoffs.pop(address, None)
+
+
+def _bytes_array(n: int) -> np.ndarray:
+    """A frame as ``host_array`` allocates it, as the array itself."""
+    return np.empty(n, dtype=np.uint8)
+
+
+def _take(address: int, nbytes: int) -> np.ndarray | None:
+    """The array offered at ``address``, if nothing but its pin refers to
+    it: then no one else can see or change its memory, and handing it over
+    is what a copy would give, without the copy.  Otherwise None (copy
+    it).  A relay that still holds the frame (a published dataset, a task
+    spec) keeps it: the reader copies."""
+    ref = _handoffs.pop(address, None)
+    frame = ref() if ref is not None else None
+    if frame is None or frame.nbytes != nbytes or sys.getrefcount(frame) != _ONLY_PINNED:
+        return None
+    return frame
+
+
 class _Envelope:
     """A message sent our way: a descriptor (None: every frame is inline)
     and the inline frames, which TCP sends out of band, without copying."""
@@ -441,7 +496,10 @@ class SHM(TCP):
     stay pinned, unchanged, until released; ``close`` waits for that, as
     ``TCP.close`` waits until the kernel holds every byte written (a
     process may exit right after).  A relay therefore adds one copy over a
-    direct transfer.
+    direct transfer, and none when it forwards to a reader in its own
+    process (a LocalCluster's client, in its scheduler's process): there the
+    reader takes over each frame that nothing but the pin refers to any
+    more, which is what a copy would give it (see :func:`_take`).
 
     **Messages.**  After a successful handshake, a message that may reach
     ``dask-shm.threshold`` bytes is serialized here, without sharding.  If
@@ -702,7 +760,7 @@ class SHM(TCP):
             elif not shared:
                 await self._direct(link, self._write_plain(views))
             elif link.single_copy:
-                await self._direct(link, self._send_in_place(link, views))
+                await self._direct(link, self._send_in_place(link, views, frames))
             else:
                 link.queue = deque([(views, True)])
                 link.pump = asyncio.ensure_future(self._pump(link))
@@ -767,11 +825,12 @@ class SHM(TCP):
         stats.count("tcp-bytes", sum(v.nbytes for v in views))
         await self._write_plain(views)
 
-    async def _send_in_place(self, link: Link, views: list[memoryview]) -> None:
+    async def _send_in_place(self, link: Link, views: list[memoryview], frames: list[Any]) -> None:
         """Single copy: describe the frames where they are.  Like
         ``TCP.write``, which leaves its frames queued in the stream, this
         returns at once; the frames are kept alive until the receiver has
-        copied them and must not change meanwhile (distributed never
+        copied them (or, in this same process, taken them over: see
+        :func:`_take`) and must not change meanwhile (distributed never
         changes what it sends)."""
         outbox = link.outbox
         buffer = link.host.buffer  # a link's outbox keeps it
@@ -781,6 +840,9 @@ class SHM(TCP):
         if not buffer.pin(outbox, views):
             await self._fall_back(views)
             return
+        if link.same_process:
+            for f in frames:
+                _offer(f)
         fragments = [
             (np.frombuffer(v, dtype=np.uint8).ctypes.data, v.nbytes) for v in views if v.nbytes
         ]
@@ -900,7 +962,11 @@ class SHM(TCP):
         if remote and [n for n in lengths if n] != [n for _, n in fragments]:
             # Checked before anything is allocated.
             raise DescriptorError("in-place fragments do not match the frames one to one")
-        frames = [host_array(n) for n in lengths]
+        # A relay gets the arrays themselves, not host_array's memoryviews of
+        # them: every view of an array refers to it, so its reference count
+        # tells whether anything else holds it when it is forwarded (_take).
+        allocate = host_array if self.deserialize else _bytes_array
+        frames = [allocate(n) for n in lengths]
         if remote:
             await self._read_in_place(link, inbox, fragments, frames)
             return frames
@@ -937,13 +1003,24 @@ class SHM(TCP):
         self, link: Link, inbox: Inbox, fragments: list[tuple[int, int]], frames: list[Any]
     ) -> None:
         """Copy frames the peer described in its own memory straight into
-        ``frames`` (one copy), then release them all."""
-        into = [np.frombuffer(f, dtype=np.uint8) for f in frames if f.nbytes]
-        pairs = [(address, d) for (address, _), d in zip(fragments, into)]
+        ``frames`` (one copy), then release them all.  From this same
+        process, take over instead each frame nothing else refers to (no
+        copy; see :func:`_take`)."""
         if self.closed():
             raise CommClosedError(f"in {self}: closed while receiving")
+        sized = [i for i, f in enumerate(frames) if f.nbytes]  # one per fragment
+        pairs: list[tuple[int, np.ndarray]] = []
+        for (address, n), i in zip(fragments, sized):
+            # Before the release below, which unpins them.
+            taken = _take(address, n) if link.same_process else None
+            if taken is None:
+                pairs.append((address, np.frombuffer(frames[i], dtype=np.uint8)))
+            else:
+                frames[i] = taken.data if self.deserialize else taken  # as allocated above
+                stats.count("handoff-frames")
+                stats.count("handoff-bytes", n)
         try:
-            if _offloads(self.allow_offload, sum(d.nbytes for d in into)):
+            if _offloads(self.allow_offload, sum(d.nbytes for _, d in pairs)):
                 await offload(inbox.read_in_place, link.peer.pid, pairs)
             else:
                 inbox.read_in_place(link.peer.pid, pairs)

@@ -10,6 +10,10 @@ them on Dask's Prometheus endpoints.  Names:
 ``single-copy-messages``
     Those of them the receiver read in place, straight out of this
     process's memory (``dask-shm.single-copy``).
+``handoff-frames`` / ``handoff-bytes``
+    Counted by the reader: frames it took over instead of copying, from a
+    sender in its own process that no longer referred to them (a client
+    gathering through the scheduler in the scheduler's process).
 ``tcp-messages`` / ``tcp-bytes``
     Messages serialized for shared memory that turned out smaller than
     ``dask-shm.threshold`` (or found this process without a buffer), and

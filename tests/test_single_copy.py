@@ -184,6 +184,74 @@ def test_a_cluster_with_the_defaults() -> None:
         del f
 
 
+@pytest.mark.parametrize("holder", [None, "array", "slice", "memoryview", "memoryview slice"])
+def test_in_one_process_a_frame_only_its_pin_holds_is_handed_over(holder: str | None) -> None:
+    """A relay forwarding a frame to a reader in its own process (a
+    LocalCluster's scheduler and client) hands the array over instead of
+    copying it, but only when nothing else refers to it: a frame the relay
+    still holds, or any view of it, is copied, and the reader's writes never
+    reach it."""
+    from distributed.protocol import serialize
+    from distributed.protocol.serialize import Serialized
+
+    n = 8 * 2**20
+    header, [data] = serialize(np.arange(n // 8, dtype=np.float64))
+
+    async def main() -> None:
+        got: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def handler(comm: Comm) -> None:
+            try:
+                while True:
+                    await got.put(await comm.read())
+            except CommClosedError:
+                pass
+            finally:
+                await comm.close()
+
+        async with listen("shm://127.0.0.1:0", handler) as listener:
+            comm = await connect(listener.contact_address)
+            try:
+                assert comm.link.same_process  # type: ignore[attr-defined]
+                frame = np.empty(n, dtype=np.uint8)  # as a relay receives it
+                frame[:] = np.frombuffer(data, dtype=np.uint8)
+                held = {None: None, "array": frame, "slice": frame[8:],
+                        "memoryview": memoryview(frame),
+                        "memoryview slice": memoryview(frame)[8:]}[holder]
+                msg = {"x": Serialized(header, [frame])}
+                del frame
+                await comm.write(msg)
+                del msg  # as distributed's handler drops its reply once written
+                x = (await got.get())["x"]
+                assert x[-1] == n // 8 - 1 and x.flags.writeable
+                x[:] = -1
+                if held is not None:
+                    assert np.frombuffer(held, dtype=np.uint8)[-1] != 255  # untouched
+            finally:
+                await comm.close()
+
+    run(main())
+    counts = stats.snapshot()
+    assert counts.get("handoff-frames", 0) == (1 if holder is None else 0), counts
+    assert counts["single-copy-messages"] == 1
+
+
+def test_a_client_in_the_scheduler_process_takes_over_what_it_gathers() -> None:
+    """Gathering through the scheduler copies once (worker to scheduler):
+    the client, in the scheduler's process, takes the scheduler's frame
+    over.  What it then changes is its own."""
+    with LocalCluster(
+        protocol="shm", n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        f = client.submit(np.arange, 10**7, pure=False)
+        got = client.gather(f, direct=False)
+        assert stats.snapshot().get("handoff-frames", 0) >= 1
+        assert got[-1] == 10**7 - 1 and got.flags.writeable
+        got[:] = 0
+        assert client.gather(f, direct=False)[-1] == 10**7 - 1
+        del f
+
+
 def test_the_sender_lets_go_of_frames_once_they_are_read() -> None:
     """Frames read in place are pinned only until their release arrives, not
     until the sender's next message: their memory is the application's."""
