@@ -317,10 +317,6 @@ _SCALARS = frozenset((int, float, bool, type(None)))
 #: (a LocalCluster's scheduler and client).  Each entry is taken or dropped
 #: by the reader of its message, or goes with its array.
 _handoffs: dict[int, weakref.ref[np.ndarray]] = {}
-#: References to a pinned array when only its pin holds it: the pinned
-#: memoryview's buffer, :func:`_take`'s local name, and ``getrefcount``'s
-#: argument.
-_ONLY_PINNED = 3
 
 
 def _offer(frame: Any) -> None:
@@ -356,10 +352,36 @@ def _take(address: int, nbytes: int) -> np.ndarray | None:
     it).  A relay that still holds the frame (a published dataset, a task
     spec) keeps it: the reader copies."""
     ref = _handoffs.pop(address, None)
-    frame = ref() if ref is not None else None
-    if frame is None or frame.nbytes != nbytes or sys.getrefcount(frame) != _ONLY_PINNED:
+    frame, references = _referenced(ref)
+    if frame is None or frame.nbytes != nbytes or references != _ONLY_PINNED:
         return None
     return frame
+
+
+def _referenced(ref: weakref.ref[np.ndarray] | None) -> tuple[np.ndarray | None, int]:
+    """The array behind ``ref`` and its reference count, as seen here."""
+    frame = ref() if ref is not None else None
+    return frame, (sys.getrefcount(frame) if frame is not None else 0)
+
+
+def _only_pinned() -> int:
+    """What :func:`_referenced` counts for an array that one memoryview
+    alone holds, as a pin does.  Measured, not assumed: what a reference
+    count includes (the call's argument, the caller's names) is the
+    interpreter's business and has changed between versions.  -1 (never
+    hand over) where there is no reference count to read."""
+    if not hasattr(sys, "getrefcount"):
+        return -1
+    probe = np.empty(1, dtype=np.uint8)
+    pin, ref = memoryview(probe), weakref.ref(probe)
+    del probe
+    references = _referenced(ref)[1]
+    del pin
+    return references
+
+
+#: :func:`_referenced`'s count for an array that only its pin holds.
+_ONLY_PINNED = _only_pinned()
 
 
 class _Envelope:
