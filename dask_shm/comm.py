@@ -33,7 +33,6 @@ import errno
 import logging
 import os
 import pickle
-import sys
 import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -49,7 +48,7 @@ from distributed.sizeof import safe_sizeof
 from distributed.utils import ensure_memoryview, nbytes, offload
 from tornado import gen
 
-from dask_shm import family, metrics, stats
+from dask_shm import family, handoff, metrics, stats
 from dask_shm.buffers import Outbox, running_loop
 from dask_shm.host import Host, warn_once
 from dask_shm.inbox import Inbox, PeerBuffer, read_remote
@@ -108,7 +107,7 @@ class Link:
         self.single_copy = False
         #: The peer is this very process (a client in its scheduler's
         #: process): frames may be handed over rather than copied (see
-        #: :func:`_take`).
+        #: :mod:`dask_shm.handoff`).
         self.same_process = peer == current_owner()
         self.below_threshold = stats.Tally("below-threshold")
         #: While a message streams through the buffer, the messages written
@@ -312,78 +311,6 @@ def _estimate(x: Any, data: bool) -> int:
 _SCALARS = frozenset((int, float, bool, type(None)))
 
 
-#: Arrays pinned for a reader in this same process, by address, weakly: the
-#: frames a relay received and now forwards to a client in its own process
-#: (a LocalCluster's scheduler and client).  Each entry is taken or dropped
-#: by the reader of its message, or goes with its array.
-_handoffs: dict[int, weakref.ref[np.ndarray]] = {}
-
-
-def _offer(frame: Any) -> None:
-    """Let a reader in this process take ``frame`` over instead of copying
-    it, if it is an array the reader could have allocated itself (what
-    ``host_array`` makes: one-dimensional bytes that own their memory)."""
-    if (
-        type(frame) is np.ndarray
-        and frame.dtype == np.uint8
-        and frame.ndim == 1
-        and frame.base is None
-        and frame.flags.writeable
-        and frame.nbytes
-    ):
-        address = frame.ctypes.data
-        _handoffs[address] = weakref.ref(frame, lambda _, a=address: _forget(a))
-
-
-def _forget(address: int) -> None:
-    # A weakref callback (it may run in any thread): no lock, one dict step.
-    _handoffs.pop(address, None)
-
-
-def _bytes_array(n: int) -> np.ndarray:
-    """A frame as ``host_array`` allocates it, as the array itself."""
-    return np.empty(n, dtype=np.uint8)
-
-
-def _take(address: int, nbytes: int) -> np.ndarray | None:
-    """The array offered at ``address``, if nothing but its pin refers to
-    it: then no one else can see or change its memory, and handing it over
-    is what a copy would give, without the copy.  Otherwise None (copy
-    it).  A relay that still holds the frame (a published dataset, a task
-    spec) keeps it: the reader copies."""
-    ref = _handoffs.pop(address, None)
-    frame, references = _referenced(ref)
-    if frame is None or frame.nbytes != nbytes or references != _ONLY_PINNED:
-        return None
-    return frame
-
-
-def _referenced(ref: weakref.ref[np.ndarray] | None) -> tuple[np.ndarray | None, int]:
-    """The array behind ``ref`` and its reference count, as seen here."""
-    frame = ref() if ref is not None else None
-    return frame, (sys.getrefcount(frame) if frame is not None else 0)
-
-
-def _only_pinned() -> int:
-    """What :func:`_referenced` counts for an array that one memoryview
-    alone holds, as a pin does.  Measured, not assumed: what a reference
-    count includes (the call's argument, the caller's names) is the
-    interpreter's business and has changed between versions.  -1 (never
-    hand over) where there is no reference count to read."""
-    if not hasattr(sys, "getrefcount"):
-        return -1
-    probe = np.empty(1, dtype=np.uint8)
-    pin, ref = memoryview(probe), weakref.ref(probe)
-    del probe
-    references = _referenced(ref)[1]
-    del pin
-    return references
-
-
-#: :func:`_referenced`'s count for an array that only its pin holds.
-_ONLY_PINNED = _only_pinned()
-
-
 class _Envelope:
     """A message sent our way: a descriptor (None: every frame is inline)
     and the inline frames, which TCP sends out of band, without copying."""
@@ -521,7 +448,7 @@ class SHM(TCP):
     direct transfer, and none when it forwards to a reader in its own
     process (a LocalCluster's client, in its scheduler's process): there the
     reader takes over each frame that nothing but the pin refers to any
-    more, which is what a copy would give it (see :func:`_take`).
+    more, which is what a copy would give it (:mod:`dask_shm.handoff`).
 
     **Messages.**  After a successful handshake, a message that may reach
     ``dask-shm.threshold`` bytes is serialized here, without sharding.  If
@@ -852,7 +779,7 @@ class SHM(TCP):
         ``TCP.write``, which leaves its frames queued in the stream, this
         returns at once; the frames are kept alive until the receiver has
         copied them (or, in this same process, taken them over: see
-        :func:`_take`) and must not change meanwhile (distributed never
+        :mod:`dask_shm.handoff`) and must not change meanwhile (distributed never
         changes what it sends)."""
         outbox = link.outbox
         buffer = link.host.buffer  # a link's outbox keeps it
@@ -864,7 +791,7 @@ class SHM(TCP):
             return
         if link.same_process:
             for f in frames:
-                _offer(f)
+                handoff.offer(f)
         fragments = [
             (np.frombuffer(v, dtype=np.uint8).ctypes.data, v.nbytes) for v in views if v.nbytes
         ]
@@ -985,9 +912,8 @@ class SHM(TCP):
             # Checked before anything is allocated.
             raise DescriptorError("in-place fragments do not match the frames one to one")
         # A relay gets the arrays themselves, not host_array's memoryviews of
-        # them: every view of an array refers to it, so its reference count
-        # tells whether anything else holds it when it is forwarded (_take).
-        allocate = host_array if self.deserialize else _bytes_array
+        # them, so that it may hand them over (see dask_shm.handoff).
+        allocate = host_array if self.deserialize else handoff.bytes_array
         frames = [allocate(n) for n in lengths]
         if remote:
             await self._read_in_place(link, inbox, fragments, frames)
@@ -1027,14 +953,14 @@ class SHM(TCP):
         """Copy frames the peer described in its own memory straight into
         ``frames`` (one copy), then release them all.  From this same
         process, take over instead each frame nothing else refers to (no
-        copy; see :func:`_take`)."""
+        copy; see :mod:`dask_shm.handoff`)."""
         if self.closed():
             raise CommClosedError(f"in {self}: closed while receiving")
         sized = [i for i, f in enumerate(frames) if f.nbytes]  # one per fragment
         pairs: list[tuple[int, np.ndarray]] = []
         for (address, n), i in zip(fragments, sized):
             # Before the release below, which unpins them.
-            taken = _take(address, n) if link.same_process else None
+            taken = handoff.take(address, n) if link.same_process else None
             if taken is None:
                 pairs.append((address, np.frombuffer(frames[i], dtype=np.uint8)))
             else:
