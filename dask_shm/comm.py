@@ -790,8 +790,8 @@ class SHM(TCP):
             await self._fall_back(views)
             return
         if link.same_process:
-            for f in frames:
-                handoff.offer(f)
+            for f, v in zip(frames, views):
+                handoff.offer(f, v)
         fragments = [
             (np.frombuffer(v, dtype=np.uint8).ctypes.data, v.nbytes) for v in views if v.nbytes
         ]

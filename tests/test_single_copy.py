@@ -236,6 +236,77 @@ def test_in_one_process_a_frame_only_its_pin_holds_is_handed_over(holder: str | 
     assert counts["single-copy-messages"] == 1
 
 
+def test_an_offer_whose_pin_has_gone_hands_nothing_over() -> None:
+    """A frame offered to a reader that hung up unread loses its pin; another
+    holder of the same memory that then sends it on must not be taken for
+    that pin.  Nor is an array anything else holds a weak reference to."""
+    import weakref
+
+    from distributed.protocol import serialize
+    from distributed.protocol.serialize import Serialized
+
+    n = 8 * 2**20
+    header, [data] = serialize(np.arange(n // 8, dtype=np.float64))
+
+    def frame() -> np.ndarray:
+        f = np.empty(n, dtype=np.uint8)
+        f[:] = np.frombuffer(data, dtype=np.uint8)
+        return f
+
+    async def main() -> None:
+        got: asyncio.Queue[Any] = asyncio.Queue()
+        readers: list[Comm] = []
+
+        async def handler(comm: Comm) -> None:
+            readers.append(comm)
+            if len(readers) == 1:
+                return  # the first reader never reads: it hangs up below
+            try:
+                while True:
+                    await got.put(await comm.read())
+            except CommClosedError:
+                pass
+            finally:
+                await comm.close()
+
+        async with listen("shm://127.0.0.1:0", handler) as listener:
+            unread = await connect(listener.contact_address)
+            comm = await connect(listener.contact_address)
+            try:
+                a = frame()
+                msg = {"x": Serialized(header, [a])}
+                await unread.write(msg)
+                del msg
+                readers[0].abort()
+                outbox = unread.link.outbox  # type: ignore[attr-defined]
+                await asyncio.wait_for(unread.link.read_in_place(), 10)  # type: ignore[attr-defined]
+                assert outbox.closed and not outbox.pinned
+                held = memoryview(a)  # now the only holder of that memory
+                del a
+                msg = {"x": Serialized(header, [held])}
+                await comm.write(msg)
+                del msg
+                x = (await got.get())["x"]
+                x[:] = -1
+                assert np.frombuffer(held, dtype=np.float64)[-1] == n // 8 - 1
+
+                b = frame()
+                watcher = weakref.ref(b)
+                msg = {"x": Serialized(header, [b])}
+                del b
+                await comm.write(msg)
+                del msg
+                x = (await got.get())["x"]
+                x[:] = -1
+                assert watcher() is not None and watcher()[-1] != 255  # type: ignore[index]
+            finally:
+                await unread.close()
+                await comm.close()
+
+    run(main())
+    assert stats.snapshot().get("handoff-frames", 0) == 0
+
+
 def test_a_client_in_the_scheduler_process_takes_over_what_it_gathers() -> None:
     """Gathering through the scheduler copies once (worker to scheduler):
     the client, in the scheduler's process, takes the scheduler's frame
