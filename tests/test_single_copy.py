@@ -184,6 +184,40 @@ def test_a_cluster_with_the_defaults() -> None:
         del f
 
 
+#: Bytes of the frame the handoff tests relay (above the threshold).
+RELAYED = 8 * 2**20
+
+
+def relayed_frame() -> tuple[dict[str, Any], np.ndarray]:
+    """A serialized array's header, and its frame as a relay receives it: an
+    array of its own (see dask_shm.handoff)."""
+    from distributed.protocol import serialize
+
+    header, [data] = serialize(np.arange(RELAYED // 8, dtype=np.float64))
+    frame = np.empty(RELAYED, dtype=np.uint8)
+    frame[:] = np.frombuffer(data, dtype=np.uint8)
+    return header, frame
+
+
+def collecting_server(got: asyncio.Queue[Any], unread: list[Comm] | None = None) -> Any:
+    """A listener whose comms put what they read into ``got``; if ``unread``
+    is given, its first comm goes there instead and reads nothing."""
+
+    async def handler(comm: Comm) -> None:
+        if unread is not None and not unread:
+            unread.append(comm)
+            return
+        try:
+            while True:
+                await got.put(await comm.read())
+        except CommClosedError:
+            pass
+        finally:
+            await comm.close()
+
+    return listen("shm://127.0.0.1:0", handler)
+
+
 @pytest.mark.parametrize("holder", [None, "array", "slice", "memoryview", "memoryview slice"])
 def test_in_one_process_a_frame_only_its_pin_holds_is_handed_over(holder: str | None) -> None:
     """A relay forwarding a frame to a reader in its own process (a
@@ -191,30 +225,15 @@ def test_in_one_process_a_frame_only_its_pin_holds_is_handed_over(holder: str | 
     copying it, but only when nothing else refers to it: a frame the relay
     still holds, or any view of it, is copied, and the reader's writes never
     reach it."""
-    from distributed.protocol import serialize
     from distributed.protocol.serialize import Serialized
-
-    n = 8 * 2**20
-    header, [data] = serialize(np.arange(n // 8, dtype=np.float64))
 
     async def main() -> None:
         got: asyncio.Queue[Any] = asyncio.Queue()
-
-        async def handler(comm: Comm) -> None:
-            try:
-                while True:
-                    await got.put(await comm.read())
-            except CommClosedError:
-                pass
-            finally:
-                await comm.close()
-
-        async with listen("shm://127.0.0.1:0", handler) as listener:
+        async with collecting_server(got) as listener:
             comm = await connect(listener.contact_address)
             try:
                 assert comm.link.same_process  # type: ignore[attr-defined]
-                frame = np.empty(n, dtype=np.uint8)  # as a relay receives it
-                frame[:] = np.frombuffer(data, dtype=np.uint8)
+                header, frame = relayed_frame()
                 held = {None: None, "array": frame, "slice": frame[8:],
                         "memoryview": memoryview(frame),
                         "memoryview slice": memoryview(frame)[8:]}[holder]
@@ -223,7 +242,7 @@ def test_in_one_process_a_frame_only_its_pin_holds_is_handed_over(holder: str | 
                 await comm.write(msg)
                 del msg  # as distributed's handler drops its reply once written
                 x = (await got.get())["x"]
-                assert x[-1] == n // 8 - 1 and x.flags.writeable
+                assert x[-1] == RELAYED // 8 - 1 and x.flags.writeable
                 x[:] = -1
                 if held is not None:
                     assert np.frombuffer(held, dtype=np.uint8)[-1] != 255  # untouched
@@ -242,38 +261,16 @@ def test_an_offer_whose_pin_has_gone_hands_nothing_over() -> None:
     that pin.  Nor is an array anything else holds a weak reference to."""
     import weakref
 
-    from distributed.protocol import serialize
     from distributed.protocol.serialize import Serialized
-
-    n = 8 * 2**20
-    header, [data] = serialize(np.arange(n // 8, dtype=np.float64))
-
-    def frame() -> np.ndarray:
-        f = np.empty(n, dtype=np.uint8)
-        f[:] = np.frombuffer(data, dtype=np.uint8)
-        return f
 
     async def main() -> None:
         got: asyncio.Queue[Any] = asyncio.Queue()
         readers: list[Comm] = []
-
-        async def handler(comm: Comm) -> None:
-            readers.append(comm)
-            if len(readers) == 1:
-                return  # the first reader never reads: it hangs up below
-            try:
-                while True:
-                    await got.put(await comm.read())
-            except CommClosedError:
-                pass
-            finally:
-                await comm.close()
-
-        async with listen("shm://127.0.0.1:0", handler) as listener:
+        async with collecting_server(got, unread=readers) as listener:
             unread = await connect(listener.contact_address)
             comm = await connect(listener.contact_address)
             try:
-                a = frame()
+                header, a = relayed_frame()
                 msg = {"x": Serialized(header, [a])}
                 await unread.write(msg)
                 del msg
@@ -288,9 +285,9 @@ def test_an_offer_whose_pin_has_gone_hands_nothing_over() -> None:
                 del msg
                 x = (await got.get())["x"]
                 x[:] = -1
-                assert np.frombuffer(held, dtype=np.float64)[-1] == n // 8 - 1
+                assert np.frombuffer(held, dtype=np.float64)[-1] == RELAYED // 8 - 1
 
-                b = frame()
+                header, b = relayed_frame()
                 watcher = weakref.ref(b)
                 msg = {"x": Serialized(header, [b])}
                 del b
