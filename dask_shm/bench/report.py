@@ -289,6 +289,12 @@ def _machine_table(run: Run) -> str:
 
 def _method(run: Run) -> str:
     o = run.options
+    control = [
+        "- The workloads also run on a second tcp:// cluster, a third member of each repetition "
+        "(the order rotates: each cluster takes each place in turn). tcp against tcp again is an "
+        "A/A control: the noise of the machine and of the method, in the same units as the "
+        "tcp/shm ratios.",
+    ] if any(c.values(CONTROL) for c in run.section("workloads")) else []
     lines = [
         "## Method",
         "",
@@ -298,6 +304,7 @@ def _method(run: Run) -> str:
         "- Repetitions interleave: tcp, shm, then shm, tcp, and so on, so that the machine's drift "
         "hits both alike. The first repetition of each transport is a warm-up and is not counted "
         "(it is kept in the JSON).",
+        *control,
         "- Ratios are medians of paired ratios: repetition *i* of tcp against repetition *i* of "
         f"shm, {o.get('reps')} pairs per case. Absolute times are medians and vary from run to run.",
         "- Worker CPU is user + system time of the worker processes (`os.times()` in each worker "
@@ -314,11 +321,6 @@ def _method(run: Run) -> str:
         "- The loopback counter is host-wide: anything else using `lo` meanwhile is counted too.",
         "- 1 MB = 10^6 bytes.",
     ]
-    if any(c.values(CONTROL) for c in run.section("workloads")):
-        lines.insert(4, "- The workloads also run on a second tcp:// cluster, a third member of "
-                     "each repetition (the order rotates: each cluster takes each place in turn). "
-                     "tcp against tcp again is an A/A control: the noise of the machine and of the "
-                     "method, in the same units as the tcp/shm ratios.")
     if o.get("quick"):
         lines.append("- **This was a `--quick` run**: small payloads and few repetitions. It checks "
                      "that everything runs; its ratios say little about large transfers.")
