@@ -964,7 +964,8 @@ class SHM(TCP):
             if taken is None:
                 pairs.append((address, np.frombuffer(frames[i], dtype=np.uint8)))
             else:
-                frames[i] = taken.data if self.deserialize else taken  # as allocated above
+                # the same type as allocated: the array, or host_array's view of it
+                frames[i] = taken if type(frames[i]) is np.ndarray else taken.data
                 stats.count("handoff-frames")
                 stats.count("handoff-bytes", n)
         try:
