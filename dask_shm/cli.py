@@ -61,27 +61,68 @@ def huge_pages(path: str) -> str:
     return f"{setting} (shmem_enabled)"
 
 
+def single_copy_verdict(enabled: bool) -> tuple[dict[str, Any], str]:
+    """What this host gives single copy (a real probe, see
+    :func:`dask_shm.single_copy.probe_host`): the facts, and one line
+    saying which path links get and what to change where it is refused."""
+    import os
+
+    from dask_shm.single_copy import probe_host, yama_scope
+
+    scope = yama_scope()
+    probe = probe_host()
+    facts: dict[str, Any] = {"enabled": enabled, "yama-ptrace-scope": scope, **probe}
+    yama = "no Yama" if scope is None else f"Yama ptrace_scope {scope}"
+    who = f"two unrelated processes of uid {os.geteuid()}"
+    if not enabled:
+        facts["path"] = "buffer"
+        return facts, f"single copy: off (dask-shm.single-copy false); {yama}"
+    if probe["declared"] == "ok":
+        facts["path"] = "single copy"
+        how = "" if probe["undeclared"] == "ok" else " once each declares itself readable (dask-shm does)"
+        return facts, f"single copy: works between {who}{how}; {yama}"
+    facts["path"] = "buffer"
+    if scope is not None and scope >= 2:
+        fix = (
+            f"ptrace_scope {scope} refuses it for good; `sysctl kernel.yama.ptrace_scope=1` "
+            "(or 0) lets dask-shm declare itself readable"
+        )
+    else:
+        fix = (
+            "a seccomp filter or a non-dumpable process refuses it (in a container, "
+            "allow process_vm_readv, e.g. Docker's default profile on a recent "
+            "kernel, or --cap-add SYS_PTRACE)"
+        )
+    return facts, f"single copy: refused between {who} ({probe['declared']}); {yama}: {fix}. Large messages go through the buffer"
+
+
 @shm.command()
 @click.option("--directory", default=None, help="Shared-memory directory (default: dask-shm.directory).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def status(directory: str | None, as_json: bool) -> None:
-    """List dask-shm files (buffers, probes, release pipes): owner, alive or
-    orphaned, size, totals; the configured budget and whether the directory
-    gives huge pages."""
+    """Which path this host gives shm:// comms (single copy, tested between
+    two processes, or the buffer), the directory's filesystem, free space
+    and huge pages; then dask-shm's files (buffers, probes, release pipes):
+    owner, alive or orphaned, size, totals."""
     from dask_shm.config import settings
     from dask_shm.janitor import list_files
-    from dask_shm.names import KINDS
+    from dask_shm.names import KINDS, MEMORY_FILESYSTEMS, filesystem
 
     d = _directory(directory)
     infos = list_files(d)
     free, total = d.free_space()
     conf = settings()
     huge = huge_pages(d.path)
+    fs = filesystem(d.path)
+    copy_facts, copy_line = single_copy_verdict(conf.single_copy)
     if as_json:
         click.echo(
             json.dumps(
                 {
                     "directory": d.path,
+                    "filesystem": fs,
+                    "memory-filesystem": fs in MEMORY_FILESYSTEMS,
+                    "single-copy": copy_facts,
                     "free": free,
                     "total": total,
                     "buffer-size": conf.buffer_size,
@@ -102,7 +143,13 @@ def status(directory: str | None, as_json: bool) -> None:
             )
         )
         return
-    click.echo(f"{d.path}: {_fmt(free)} free of {_fmt(total)}; huge pages: {huge}")
+    click.echo(f"{d.path}: {fs}, {_fmt(free)} free of {_fmt(total)}; huge pages: {huge}")
+    if fs not in MEMORY_FILESYSTEMS:
+        click.echo(
+            f"  not a memory filesystem: shm:// comms use plain TCP here. "
+            f"Set dask-shm.directory to a tmpfs such as /dev/shm"
+        )
+    click.echo(copy_line)
     click.echo(
         f"buffer-size {_fmt(conf.buffer_size)} per process with an shm:// comm, "
         f"fragment-size {_fmt(conf.fragment_size)}"

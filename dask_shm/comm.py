@@ -51,12 +51,13 @@ from tornado import gen
 from dask_shm import family, handoff, metrics, stats
 from dask_shm.buffers import Outbox, running_loop
 from dask_shm.host import Host, warn_once
-from dask_shm.inbox import Inbox, PeerBuffer, read_remote
+from dask_shm.inbox import Inbox, PeerBuffer
 from dask_shm.config import Settings, settings
 from dask_shm.descriptor import INLINE, decode, encode
 from dask_shm.errors import DescriptorError, ShmFull
 from dask_shm.janitor import quiet_sweep
 from dask_shm.names import Owner, create_probe, current_owner, read_probe
+from dask_shm.single_copy import declare_readable, reads_token
 
 __all__ = ["SHM", "SHMConnector", "SHMListener", "SHMBackend", "Link"]
 
@@ -359,21 +360,6 @@ class _Cursor:
         return out
 
 
-def _reads_token(peer: Owner | None, address: object, token: str | None) -> bool:
-    """Whether we can read ``token`` at ``address`` in the peer's memory:
-    then the kernel lets us read its frames in place (same user, no Yama or
-    seccomp restriction, the pid we see is the peer's)."""
-    if peer is None or token is None or not isinstance(address, int) or address <= 0:
-        return False
-    got = np.zeros(len(token), dtype=np.uint8)
-    try:
-        read_remote(peer.pid, [(address, got)])
-    except OSError as e:
-        logger.debug("cannot read pid %d's memory (%s): frames are copied twice", peer.pid, e)
-        return False
-    return got.tobytes() == token.encode("ascii")
-
-
 def _spread(src: np.ndarray, into: list[np.ndarray]) -> None:
     """Copy ``src`` into consecutive pieces ``into``."""
     pos = 0
@@ -485,6 +471,9 @@ class SHM(TCP):
         info = super().handshake_info()
         conf, host, why = _local_host()
         if host is not None:
+            # Before our info tells peers where to read us (Yama scope 1).
+            declare_readable(conf.single_copy)
+        if host is not None:
             try:
                 self._handshake = hs = _Handshake(host, conf)
             except OSError as e:  # no room even for a probe: this comm is TCP
@@ -535,11 +524,13 @@ class SHM(TCP):
             except (KeyError, TypeError, ValueError, OSError) as e:
                 logger.debug("%s: peer's shared memory unusable: %s", self, e)
                 peer, their_token = None, None
-            in_place = (
-                inbox is not None
-                and hs.conf.single_copy
-                and _reads_token(peer, theirs.get("memory"), their_token)
-            )
+            in_place = False
+            if inbox is not None and hs.conf.single_copy:
+                assert peer is not None and their_token is not None
+                refused = reads_token(peer, theirs.get("memory"), their_token)
+                if refused is not None:  # the buffer carries the peer's messages
+                    stats.count(f"single-copy-refused-{refused}")
+                in_place = refused is None
             await super().write({"dask-shm-echo": their_token, "read-memory": in_place})
             echo = await super().read()
         except BaseException:
@@ -970,12 +961,12 @@ class SHM(TCP):
                 stats.count("handoff-bytes", n)
         try:
             if _offloads(self.allow_offload, sum(d.nbytes for _, d in pairs)):
-                await offload(inbox.read_in_place, link.peer.pid, pairs)
+                await offload(inbox.read_in_place, link.peer, pairs)
             else:
-                inbox.read_in_place(link.peer.pid, pairs)
+                inbox.read_in_place(link.peer, pairs)
         except OSError as e:
             if e.errno == errno.ESRCH:
-                raise CommClosedError(f"in {self}: the sender exited while we read") from e
+                raise CommClosedError(f"in {self}: the sender exited while we read ({e})") from e
             raise DescriptorError(
                 f"cannot read {len(pairs)} frame(s) in the memory of pid {link.peer.pid}: {e}"
             ) from e

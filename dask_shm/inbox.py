@@ -7,13 +7,9 @@ is told once, in :mod:`dask_shm.buffers`.
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import itertools
 import mmap
 import os
 import threading
-from collections import deque
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -21,8 +17,9 @@ from distributed.comm.core import CommClosedError
 
 from dask_shm.errors import DescriptorError
 from dask_shm.names import Directory, Owner, check_file, check_name
+from dask_shm.single_copy import read_frames
 
-__all__ = ["PeerBuffer", "Inbox", "read_remote"]
+__all__ = ["PeerBuffer", "Inbox"]
 
 
 class PeerBuffer:
@@ -118,11 +115,11 @@ class Inbox:
 
         self._then_release(copy)
 
-    def read_in_place(self, pid: int, pairs: Sequence[tuple[int, np.ndarray]]) -> None:
+    def read_in_place(self, sender: Owner, pairs: Sequence[tuple[int, np.ndarray]]) -> None:
         """Copy the frames of a message the sender described in its own
-        memory (single copy, :func:`read_remote`), then release them (one
-        byte)."""
-        self._then_release(lambda: read_remote(pid, pairs))
+        memory (:func:`dask_shm.single_copy.read_frames`), then release
+        them (one byte)."""
+        self._then_release(lambda: read_frames(sender, pairs))
 
     def _then_release(self, copy: Callable[[], None]) -> None:
         """Run ``copy``, then release its entry (one byte: with at most
@@ -165,50 +162,3 @@ class Inbox:
         if self._pipe >= 0:
             os.close(self._pipe)
             self._pipe = -1
-
-
-class _IOVec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_process_vm_readv = getattr(_libc, "process_vm_readv", None)
-if _process_vm_readv is not None:
-    _process_vm_readv.restype = ctypes.c_ssize_t
-#: iovecs per process_vm_readv call (Linux's IOV_MAX).
-_IOV_MAX = 1024
-
-
-def read_remote(pid: int, pairs: Sequence[tuple[int, np.ndarray]]) -> None:
-    """Copy, for each (address, destination) pair, ``destination.nbytes``
-    bytes at that address in process ``pid`` into ``destination``, with
-    ``process_vm_readv``: one copy, made by the kernel, without the sender's
-    help.  Blocking (the call releases the GIL); safe in any thread.
-
-    Raises
-    ------
-    OSError
-        ESRCH if the process is gone, EFAULT if it does not have the memory,
-        EPERM if we may not read it.
-    """
-    if _process_vm_readv is None:
-        raise OSError(errno.ENOSYS, "process_vm_readv is not available here")
-    todo = deque((a, d) for a, d in pairs if d.nbytes)
-    while todo:
-        batch = list(itertools.islice(todo, _IOV_MAX))
-        remote = (_IOVec * len(batch))(*[(a, d.nbytes) for a, d in batch])
-        local = (_IOVec * len(batch))(*[(d.ctypes.data, d.nbytes) for _, d in batch])
-        got = _process_vm_readv(pid, local, len(batch), remote, len(batch), 0)
-        if got <= 0:
-            e = ctypes.get_errno() if got < 0 else errno.EFAULT
-            raise OSError(e, os.strerror(e))
-        # A partial read is legal (the kernel caps one call near 2 GiB).
-        while got:
-            a, d = todo[0]
-            k = min(got, d.nbytes)
-            got -= k
-            if k == d.nbytes:
-                todo.popleft()
-            else:
-                todo[0] = (a + k, d[k:])
-

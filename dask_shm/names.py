@@ -16,6 +16,7 @@ file descriptor, so nothing outside the directory is ever touched.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -39,11 +40,14 @@ __all__ = [
     "Directory",
     "check_file",
     "fmt_bytes",
+    "filesystem",
+    "MEMORY_FILESYSTEMS",
     "create_probe",
     "read_probe",
 ]
 
 logger = logging.getLogger(__name__)
+_libc = ctypes.CDLL(None, use_errno=True)
 
 #: Every file we create starts with this; nothing else is ever opened.
 PREFIX = "dask-shm-"
@@ -68,16 +72,19 @@ class Owner:
     start: int
     ns: int
 
-    def alive(self) -> bool:
-        """Whether this process still runs; True when we cannot tell."""
+    def alive(self, *, strict: bool = False) -> bool:
+        """Whether this process still runs.  When we cannot tell (another
+        pid namespace, an unreadable ``/proc`` entry): True, so that the
+        janitor never removes a live process's files; with ``strict``,
+        False, so that nothing is read from a pid we cannot vouch for."""
         if self.ns != current_owner().ns:
-            return True  # another pid namespace: its pids mean nothing here
+            return not strict  # another pid namespace: its pids mean nothing here
         info = _proc_stat(self.pid)
         if info is None:
             return False
         state, start = info
         if start == -1:  # it exists, but we may not read its start time
-            return True
+            return not strict
         return state not in ("Z", "X") and start == self.start
 
     def as_tuple(self) -> tuple[int, int, int]:
@@ -169,6 +176,50 @@ def check_file(st: os.stat_result, kind: str) -> str | None:
     if st.st_nlink != 1:
         return f"{st.st_nlink} hard links"
     return None
+
+
+#: statfs(2) magic numbers of filesystems worth naming.
+_FILESYSTEMS = {
+    0x01021994: "tmpfs",
+    0x858458F6: "ramfs",
+    0x958458F6: "hugetlbfs",
+    0xEF53: "ext4",
+    0x58465342: "xfs",
+    0x9123683E: "btrfs",
+    0x794C7630: "overlayfs",
+    0x6969: "nfs",
+    0xFF534D42: "cifs",
+    0x65735546: "fuse",
+    0x01161970: "gfs2",
+    0x0BD00BD0: "lustre",
+    0x47504653: "gpfs",
+    0x6A656A63: "fakeowner",
+    0x9FA0: "proc",
+}
+#: Filesystems whose files live in this host's memory: the only ones a
+#: buffer may live on.  tmpfs (/dev/shm) is what POSIX shared memory uses;
+#: ramfs is the same without a size limit.  Anything else puts buffers on a
+#: disk (every page written back) or, worse, on a network filesystem, where
+#: two hosts could pass each other's probe, MAP_SHARED is not coherent
+#: across hosts, and the janitor would judge another host's files by this
+#: host's /proc.
+MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+
+
+class _StatFS(ctypes.Structure):
+    # Only f_type is read; the rest of struct statfs (120 bytes on 64-bit
+    # Linux) is room.
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 248)]
+
+
+def filesystem(path: str) -> str:
+    """The type of the filesystem holding ``path`` (``"tmpfs"``...), or
+    ``"0x<magic>"`` for one not named here, ``"unknown"`` if statfs fails."""
+    buf = _StatFS()
+    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+        return "unknown"
+    magic = buf.f_type & 0xFFFFFFFF
+    return _FILESYSTEMS.get(magic, f"{magic:#x}")
 
 
 def fmt_bytes(n: float) -> str:

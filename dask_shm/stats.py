@@ -14,6 +14,13 @@ them on Dask's Prometheus endpoints.  Names:
     Counted by the reader: frames it took over instead of copying, from a
     sender in its own process that no longer referred to them (a client
     gathering through the scheduler in the scheduler's process).
+``single-copy-refused-<reason>``
+    Handshakes at which this process could not read its peer's memory, so
+    that the peer's large messages come through its buffer, by why:
+    ``eperm`` (Yama scope 2 or 3, a non-dumpable peer, another user
+    namespace), ``esrch`` (another pid namespace), ``enosys`` (a seccomp
+    filter, an old kernel), ``efault``, ``mismatch``, ``no-address`` (the
+    peer has ``single-copy`` off).  See :mod:`dask_shm.single_copy`.
 ``tcp-messages`` / ``tcp-bytes``
     Messages serialized for shared memory that turned out smaller than
     ``dask-shm.threshold`` (or found this process without a buffer), and

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -312,12 +312,16 @@ class Peer:
 
 
 @asynccontextmanager
-async def peer(role: str, *args: str, **conf: str) -> AsyncIterator[Peer]:
-    """Run ``python -m tests.peers role *args`` with ``conf`` (see
-    :func:`peer_env`); kill it on the way out if it still runs."""
+async def peer(
+    role: str, *args: str, process: Sequence[str] = (), **conf: str
+) -> AsyncIterator[Peer]:
+    """Run ``python -m tests.peers *process role *args`` with ``conf`` (see
+    :func:`peer_env`); kill it on the way out if it still runs.  ``process``
+    options set who the peer runs as (``--uid``, ``--dumpable``: see
+    :func:`tests.peers.become`)."""
     with tempfile.TemporaryFile() as log:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.peers", role, *args,
+            sys.executable, "-m", "tests.peers", *process, role, *args,
             cwd=ROOT, env=peer_env(**conf), stdout=asyncio.subprocess.PIPE, stderr=log,
         )
         try:

@@ -440,9 +440,36 @@ ROLES = {
               announce_size, offload, mid_stream, cancel_handshake)
 }
 
+def become(uid: int | None, dumpable: bool | None) -> None:
+    """Run on as ``uid`` (from root; its groups dropped too) and, if
+    ``dumpable`` is given, set whether processes of our user may read our
+    memory (``PR_SET_DUMPABLE``: changing uid clears it, so it is always set
+    after).  Everything the roles use is imported by now: the repository and
+    the interpreter's files need not be readable by ``uid``."""
+    import ctypes
+
+    import distributed.protocol.numpy  # noqa: F401  (imported lazily otherwise)
+
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    if dumpable is not None:
+        assert ctypes.CDLL(None).prctl(4, int(dumpable), 0, 0, 0) == 0  # PR_SET_DUMPABLE
+
+
 if __name__ == "__main__":
-    role = ROLES[sys.argv[1]]
+    argv = sys.argv[1:]
+    uid = dumpable = None
+    while argv[0].startswith("--"):  # options of the process, before its role
+        option, value, *argv = argv
+        if option == "--uid":
+            uid = int(value)
+        elif option == "--dumpable":
+            dumpable = value == "1"
+    become(uid, dumpable)
+    role = ROLES[argv[0]]
     if asyncio.iscoroutinefunction(role):
-        asyncio.run(role(sys.argv[2:]))
+        asyncio.run(role(argv[1:]))
     else:
-        role(sys.argv[2:])
+        role(argv[1:])

@@ -56,3 +56,22 @@ def test_status_and_sweep_remove_orphans_only() -> None:
         live.destroy()
         d.close()
     assert "no dask-shm files" in dask_shm("status")
+
+
+def test_status_tells_which_path_this_host_gives() -> None:
+    """A real probe between two processes of this user: on this host (no
+    Yama, or as root) single copy works; the directory is a tmpfs."""
+    status = json.loads(dask_shm("status", "--json"))
+    assert status["filesystem"] == "tmpfs" and status["memory-filesystem"]
+    copy = status["single-copy"]
+    assert copy["enabled"] and copy["declared"] == "ok" and copy["path"] == "single copy"
+    assert copy["declaration"] in ("no-yama", "not-needed", "declared")
+    assert "single copy: works between two unrelated processes" in dask_shm("status")
+
+
+def test_status_with_single_copy_off_names_the_buffer_path() -> None:
+    env = {**__import__("os").environ, "DASK_DASK_SHM__SINGLE_COPY": "false"}
+    out = subprocess.run([DASK, "shm", "status", "--json"], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["single-copy"]["path"] == "buffer"

@@ -6,6 +6,7 @@ suite pins ``single-copy: false``; these tests keep the default."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
@@ -23,7 +24,7 @@ from dask_shm import host as hosts, stats
 from dask_shm.comm import SHM, _Envelope
 from dask_shm.descriptor import encode
 
-from .conftest import ROOT, first_read_error, peer_env
+from .conftest import ROOT, first_read_error, ours, peer, peer_env
 
 pytestmark = pytest.mark.single_copy
 
@@ -135,14 +136,47 @@ def test_a_process_with_single_copy_off_neither_reads_nor_is_read_in_place() -> 
     assert exchange_with("plain", single_copy="false") == (False, False)
 
 
-@pytest.mark.skipif(
-    __import__("os").geteuid() == 0,
-    reason="root (CAP_SYS_PTRACE) may read any process's memory, a non-dumpable one too",
-)
-def test_a_peer_the_kernel_will_not_let_us_read_gets_the_buffer() -> None:
-    """A non-dumpable process may not be read by another of the same user:
-    its messages go through its buffer, while it still reads ours in place."""
-    assert exchange_with("undumpable") == (True, False)
+#: An unprivileged user for the peers of the refusal tests: as root (CI) any
+#: process may read any other, so the kernel would never refuse.
+NOBODY = 65534
+
+
+def as_user(dumpable: bool) -> list[str]:
+    """Options of a peer process (see tests.peers.become): run as NOBODY if
+    we are root, as we are otherwise, readable by its user's processes or
+    not (``PR_SET_DUMPABLE``: a non-dumpable process refuses readers of its
+    own user that lack ``CAP_SYS_PTRACE``)."""
+    uid = ["--uid", str(NOBODY)] if os.geteuid() == 0 else []
+    return [*uid, "--dumpable", "1" if dumpable else "0"]
+
+
+@pytest.mark.parametrize("refuses", ["listener", "client", "both"])
+def test_where_the_kernel_refuses_single_copy_the_buffer_carries_the_bytes(refuses: str) -> None:
+    """Two unprivileged peers, one (or both) refusing to be read: what it
+    sends goes through its buffer, byte for byte, the counters say why, and
+    nothing is left behind; what the other sends is still read in place."""
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        listener_dumpable = refuses == "client"
+        client_dumpable = refuses == "listener"
+        async with peer("echo", process=as_user(listener_dumpable)) as listener:
+            address = await listener.ready()
+            async with peer("client", address, process=as_user(client_dumpable)) as client:
+                got = await client.done()
+            return await listener.done(), got
+
+    served, sent = run(main())
+    assert sent["linked"]
+    for me, other, me_refuses in (
+        (sent, served, refuses in ("client", "both")),
+        (served, sent, refuses in ("listener", "both")),
+    ):
+        # Two messages each way (client.py), both above the threshold.
+        assert me["shm-messages"] == 2, (me, other)
+        assert me.get("single-copy-messages", 0) == (0 if me_refuses else 2), (me, other)
+        # The reader says why it could not read in place.
+        assert other.get("single-copy-refused-eperm", 0) == (1 if me_refuses else 0), other
+    assert not ours()
 
 
 def test_an_address_the_sender_does_not_have_closes_the_comm() -> None:
