@@ -11,7 +11,10 @@ serialization API, in every module (pin the distributed range in
 setup.cfg):
 
 - here: ``TCP``, ``TCPConnector``, ``TCPListener``, ``BaseTCPBackend`` (to
-  subclass), ``to_frames``/``from_frames`` and ``OFFLOAD_THRESHOLD``
+  subclass, with the private ``_connector_class``/``_listener_class`` the
+  TLS backend swaps too), the private ``_close_comm`` (the callback ``TCP``
+  gives its stream, which we extend), ``to_frames``/``from_frames`` and
+  ``OFFLOAD_THRESHOLD``
   (``distributed.comm.utils``), ``host_array``
   (``distributed.protocol.utils``), ``Pickled``, ``ToPickle`` and
   ``Serialized`` (``distributed.protocol.serialize``), ``safe_sizeof``
@@ -22,7 +25,7 @@ setup.cfg):
 - :mod:`dask_shm.config`: ``distributed.protocol.serialize.families`` (the
   registered family names, to validate ``dask-shm.serializers``).
 
-None starts with an underscore.
+Besides, tornado's ``IOStream.set_close_callback`` replaces ``TCP``'s own.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import functools
 import logging
 import os
 import pickle
@@ -40,13 +44,14 @@ from typing import Any
 
 import numpy as np
 from distributed.comm.core import CommClosedError
-from distributed.comm.tcp import TCP, BaseTCPBackend, TCPConnector, TCPListener
+from distributed.comm.tcp import TCP, BaseTCPBackend, TCPConnector, TCPListener, _close_comm
 from distributed.comm.utils import OFFLOAD_THRESHOLD, from_frames, to_frames
 from distributed.protocol.serialize import Pickled, Serialize, Serialized, ToPickle
 from distributed.protocol.utils import host_array
 from distributed.sizeof import safe_sizeof
 from distributed.utils import ensure_memoryview, nbytes, offload
 from tornado import gen
+from tornado.iostream import IOStream
 
 from dask_shm import family, handoff, metrics, stats
 from dask_shm.buffers import Outbox, running_loop
@@ -455,8 +460,8 @@ class SHM(TCP):
     All other messages are plain TCP.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, stream: IOStream, *args: Any, **kwargs: Any) -> None:
+        super().__init__(stream, *args, **kwargs)
         self._handshake: _Handshake | None = None
         self._link: Link | None = None
         #: Messages written as plain TCP, counted as fallback-<why> once the
@@ -464,6 +469,12 @@ class SHM(TCP):
         self._plain: stats.Tally | None = None
         #: close() has begun: writes fail from now on, as TCP's do.
         self._closing = False
+        #: Reads of a linked message under way (see _stream_closed).
+        self._reading = 0
+        # TCP marks a comm closed when its stream closes (the peer hung up, a
+        # write failed) without calling close() or abort(), and distributed
+        # never aborts a comm that reports closed(): let the link go then.
+        stream.set_close_callback(functools.partial(_stream_closed, weakref.ref(self)))
 
     # -- handshake -----------------------------------------------------------
 
@@ -858,32 +869,45 @@ class SHM(TCP):
         return msg
 
     async def _read_link(self, link: Link, deserializers: Any) -> Any:
+        self._reading += 1
         try:
-            msg = await super().read(deserializers)
-        except CommClosedError:
-            # TCP marks itself closed without calling close() or abort(), and
-            # distributed does not abort a closed comm: end the link here.
-            self._release()
-            raise
+            return await self._read_message(link, deserializers)
+        finally:
+            self._reading -= 1
+            if self.closed() and not self._reading:  # see _stream_closed
+                self._release()
+
+    async def _read_message(self, link: Link, deserializers: Any) -> Any:
+        msg = await super().read(deserializers)
         if type(msg) is not _Envelope:
             return msg
         try:
             frames = msg.frames if msg.descriptor is None else await self._receive(link, msg)
+        except BaseException as e:
+            # As TCP.read: once a message has started to arrive, anything
+            # that stops its read (allocation, a copy, a cancellation) leaves
+            # the rest of it unread, which the next read would take for
+            # another message.  Abort: the release pipe closes, and the
+            # sender frees what the message held.
+            self.abort()
+            if isinstance(e, DescriptorError):
+                raise CommClosedError(f"in {self}: {e}") from e
+            raise
+        try:
             return await from_frames(
                 frames,
                 deserialize=self.deserialize,
                 deserializers=deserializers,
                 allow_offload=self.allow_offload,
             )
-        except DescriptorError as e:
-            self.abort()
-            raise CommClosedError(f"in {self}: {e}") from e
-        except EOFError as e:
+        except EOFError as e:  # as TCP.read
             self.abort()
             raise CommClosedError(f"in {self}: aborted stream on truncated data") from e
-        except CommClosedError:
-            self._release()
-            raise
+        except DescriptorError as e:  # a peer breaking our protocol ("shm" family)
+            self.abort()
+            raise CommClosedError(f"in {self}: {e}") from e
+        # Any other error (an object that cannot be rebuilt) leaves the comm
+        # as TCP.read leaves it: the whole message was read.
 
     async def _receive(self, link: Link, envelope: _Envelope) -> list[memoryview]:
         """Copy a message's fragments out of the peer's buffer into frames
@@ -1004,6 +1028,19 @@ class SHM(TCP):
     def abort(self) -> None:
         super().abort()
         self._release()
+
+
+def _stream_closed(ref: weakref.ref[SHM]) -> None:
+    """The comm's stream has closed: mark the comm closed, as TCP does, and
+    end its link, unless a read is under way: a message the peer described
+    before hanging up is still read (tornado hands out what it buffered),
+    and the read ends the link when it ends.  A handshake under way ends
+    through the error its own read or write gets (which sweeps what a
+    killed peer left)."""
+    _close_comm(ref)
+    comm = ref()
+    if comm is not None and not comm._reading and comm._handshake is None:
+        comm._release()
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:

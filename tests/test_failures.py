@@ -1,0 +1,136 @@
+"""Failures a user can hit on the default path, each compared with what
+``tcp://`` does in the same scenario: a read that fails half-way, a peer
+that hangs up, a task that forks, connections that never say anything, a
+directory that is not memory, a pid that was reused."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import dask
+import numpy as np
+import pytest
+from distributed.comm import connect, listen
+from distributed.comm.core import Comm, CommClosedError
+from distributed.protocol import to_serialize
+
+from dask_shm import comm as shm_comm
+from dask_shm import host as hosts
+
+from .conftest import until
+
+#: The two data paths of a linked comm (see conftest.through_the_buffer).
+PATHS = ["single copy", "buffer"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request: pytest.FixtureRequest) -> Iterator[str]:
+    with dask.config.set({"dask-shm.single-copy": request.param == "single copy"}):
+        yield request.param
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def failing_once(exc: BaseException, real: Any) -> Any:
+    """``real``, except that its first call raises ``exc``."""
+    calls = [0]
+
+    def allocate(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise exc
+        return real(*args, **kwargs)
+
+    return allocate
+
+
+@pytest.mark.parametrize("exc", [MemoryError("injected"), asyncio.CancelledError()])
+def test_a_read_that_fails_after_its_descriptor_aborts_the_comm_and_frees_the_message(
+    path: str, exc: BaseException, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As TCP.read: whatever fails once the message started arriving aborts
+    the comm (the rest of that message would be misread as the next one),
+    and the sender gets back what that message held, at once."""
+    monkeypatch.setattr(shm_comm, "host_array", failing_once(exc, shm_comm.host_array))
+    n = 50 * 10**6
+
+    async def main() -> None:
+        outcome: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+
+        async def handler(comm: Comm) -> None:
+            try:
+                await comm.read()
+                outcome.set_result(None)
+            except BaseException as e:  # noqa: BLE001  (the outcome under test)
+                outcome.set_result(e)
+            # The handler keeps its comm, as distributed's pool may: it must
+            # be closed already.
+
+        async with listen("shm://127.0.0.1:0", handler) as listener:
+            comm = await connect(listener.contact_address)
+            assert comm.link is not None  # type: ignore[attr-defined]
+            await comm.write({"x": to_serialize(np.ones(n, dtype=np.uint8))})
+            raised = await outcome
+            assert type(raised) is type(exc), repr(raised)
+            # The sender holds nothing of that message any more...
+            box = comm.link.outbox  # type: ignore[attr-defined]
+            await until(lambda: box.closed and not box.pinned and not box.inflight)
+            # ...and its close returns (it waits only for what may be read).
+            await asyncio.wait_for(comm.close(), 10)
+            await until(lambda: hosts.info()["buffer-in-flight"] == 0)
+
+        assert not [c for c in Comm._instances if not c.closed()]
+
+    run(main())
+
+
+@pytest.mark.parametrize("how", ["read", "idle"])
+def test_a_comm_its_peer_hung_up_on_lets_go_at_once(path: str, how: str) -> None:
+    """TCP marks a comm closed by its peer without close() or abort(), and
+    distributed never aborts a comm that reports closed(): the link must
+    go then, not when the comm is garbage-collected.  ``read``: the
+    server was reading when the peer hung up; ``idle``: it was not, and
+    learns of it from a failed write."""
+    from .conftest import our_fds
+
+    kept: list[Comm] = []
+
+    async def main() -> None:
+        read_one = asyncio.Event()
+        done = asyncio.Event()
+
+        async def handler(comm: Comm) -> None:
+            kept.append(comm)  # held, as a pool or a traceback may hold it
+            await comm.read()
+            read_one.set()
+            if how == "read":
+                with pytest.raises(CommClosedError):
+                    await comm.read()
+            else:
+                await until(lambda: comm.closed() or _write_fails(comm))
+            done.set()
+
+        async with listen("shm://127.0.0.1:0", handler) as listener:
+            comm = await connect(listener.contact_address)
+            assert comm.link is not None  # type: ignore[attr-defined]
+            await comm.write({"x": to_serialize(np.ones(5 * 10**6, dtype=np.uint8))})
+            await read_one.wait()
+            await comm.close()
+            await done.wait()
+            assert kept[0].closed()
+            await until(lambda: not hosts.Host._hosts and not our_fds())
+
+    run(main())
+    assert kept  # still referenced: nothing waited for its collection
+
+
+def _write_fails(comm: Comm) -> bool:
+    """Start a small write on ``comm`` (its failure is what tells TCP)."""
+    asyncio.ensure_future(comm.write({"ping": 1})).add_done_callback(
+        lambda f: f.cancelled() or f.exception()
+    )
+    return False
