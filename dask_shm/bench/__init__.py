@@ -14,6 +14,12 @@ Sections:
   memory     RSS of sender and receiver across a transfer
   joblib     joblib's loky backend against its dask backend on each cluster
 
+The workloads section then runs again with ``dask-shm.single-copy: false``
+in every process (a child process; ``--no-buffer-run`` skips it): tcp://
+against shm:// through the buffer, the path of hosts that refuse single
+copy.  The machine table says which path each cluster took, from
+dask-shm's counters.
+
 Writes markdown tables to stdout, and ``results.json`` (every repetition),
 ``benchmark.md`` and plots to ``--output``.  ``--report results.json``
 rebuilds ``benchmark.md`` and the plots from a saved run, measuring nothing.
@@ -41,10 +47,12 @@ SECTIONS = ("transfers", "cold", "workloads", "mixed", "memory", "joblib")
 FULL: dict[str, Any] = {
     "reps": 5, "sizes": "1KB,64KB,1MB,16MB,128MB,400MB", "large": "400MB",
     "workload_size": "400MB", "cold_samples": 3, "cold_delay": 3.0, "pause": 0.2,
+    "buffer_run": True,
 }
 QUICK: dict[str, Any] = {
     "reps": 2, "sizes": "1KB,1MB,16MB", "large": "16MB",
     "workload_size": "16MB", "cold_samples": 1, "cold_delay": 1.0, "pause": 0.0,
+    "buffer_run": True,
 }
 
 
@@ -59,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="small payloads and few repetitions (about a minute): "
-                        + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
+                        + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items()
+                                    if k != "buffer_run"))
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help="comma-separated subset of %(default)s")
     p.add_argument("--reps", type=int,
@@ -80,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
                         f"(default {FULL['cold_delay']})")
     p.add_argument("--pause", type=float,
                    help=f"seconds after each large repetition (default {FULL['pause']})")
+    p.add_argument("--no-buffer-run", dest="buffer_run", action="store_false", default=None,
+                   help="do not run the workloads a second time with dask-shm.single-copy "
+                        "false (the buffer path)")
     p.add_argument("--output", default=None,
                    help="directory for results.json, benchmark.md and the plots "
                         "(default bench-results; with --report, the JSON's directory)")
@@ -114,13 +126,17 @@ class _Progress:
 def run(o: dict[str, Any]) -> Any:
     """Measure the selected sections; returns a :class:`~dask_shm.bench.results.Run`."""
     from dask_shm.bench import joblib_case, memory, mixed, transfers, workloads
+    from dask_shm.bench.buffer import run_through_buffer
     from dask_shm.bench.clusters import cluster_pair, local_cluster
     from dask_shm.bench.machine import machine_info
+    from dask_shm.bench.paths import PROCESS, change, process_counters, worker_counters
     from dask_shm.bench.results import Case, Run
 
     sections, reps, pause = set(o["sections"]), o["reps"], o["pause"]
     cases: list[Case] = []
     skipped: dict[str, str] = {}
+    #: cluster label -> dask-shm's counters (see dask_shm.bench.paths)
+    paths: dict[str, dict[str, int]] = {}
     progress = _Progress()
     t0 = time.perf_counter()
 
@@ -144,9 +160,11 @@ def run(o: dict[str, Any]) -> Any:
             progress(f"workloads: starting a second tcp:// cluster ({o['workers']} workers), "
                      "the control")
             with local_cluster("tcp", o["workers"]) as control:
-                return workloads.run_workloads(
+                out = workloads.run_workloads(
                     {**clients, workloads.CONTROL: control}, chosen, reps,
                     lambda name: progress(f"workloads: {name}"))
+                paths[workloads.CONTROL] = worker_counters(control)
+                return out
 
         steps.append(("workloads", run_workloads))
     if "mixed" in sections:
@@ -162,6 +180,10 @@ def run(o: dict[str, Any]) -> Any:
             steps.append(("joblib", lambda c: joblib_case.joblib_cases(c, o["large"], reps, pause)))
     if steps or cold:
         progress(f"starting a tcp:// and an shm:// cluster ({o['workers']} workers each)")
+        # Read before the clusters start, so that their handshakes (where
+        # single copy is refused, if it is) count; after the sections that
+        # ran their own comms and clusters here, so that theirs do not.
+        here = process_counters()
         with cluster_pair(o["workers"]) as clients:
             if cold:
                 progress("cold: the first transfers of these clusters")
@@ -170,10 +192,18 @@ def run(o: dict[str, Any]) -> Any:
             for label, step in steps:
                 progress(label)
                 cases += step(clients)
+            paths.update({label: worker_counters(c) for label, c in clients.items()})
+            paths[PROCESS] = change(process_counters(), here)
             progress("closing the clusters")
 
+    buffer_run = None
+    if "workloads" in sections and o.get("buffer_run"):
+        # After the clusters above closed: one run at a time on the machine.
+        progress("workloads through the buffer (single-copy: false), in a child process")
+        buffer_run = run_through_buffer(o, progress, skipped)
+
     notes = {"wall seconds": round(time.perf_counter() - t0, 1), "skipped": skipped}
-    return Run(machine_info(), o, cases, notes)
+    return Run(machine_info(), o, cases, notes, paths=paths, buffer_run=buffer_run)
 
 
 def write(run: Any, directory: str) -> dict[str, str]:
@@ -200,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     p = _parser()
     args = p.parse_args(argv)
     from dask_shm.bench import results
-    from dask_shm.bench.report import tables
+    from dask_shm.bench.report import paths_table, tables
 
     if args.report:
         try:
@@ -216,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 text = fill_readme(f.read(), saved)
             with open(args.readme, "w") as f:
                 f.write(text)
-        print(tables(saved))
+        print(paths_table(saved) + "\n\n" + tables(saved))
         print(f"\nwrote {os.path.join(out, 'benchmark.md')}" + _plots_written(images))
         return 0
 
@@ -231,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(out, exist_ok=True)
     results.save(os.path.join(out, "results.json"), measured)
     images = write(measured, out)
-    print(tables(measured))
+    print(paths_table(measured) + "\n\n" + tables(measured))
     print(f"\n{measured.notes['wall seconds']} s; wrote {out}/results.json, {out}/benchmark.md"
           + _plots_written(images)
           + f"; regenerate the report with: dask shm bench --report {out}/results.json")

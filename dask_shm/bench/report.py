@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from dask_shm.bench.buffer import SKIPPED as BUFFER_SKIPPED
 from dask_shm.bench.mixed import STEPS
 from dask_shm.bench.paired import iqr, median
+from dask_shm.bench.paths import cluster_counters, describe, tcp_clusters
 from dask_shm.bench.results import Case, Run
 from dask_shm.bench.workloads import CONTROL, NO_TRANSFER
 
-__all__ = ["fmt_size", "tables", "benchmark_md", "readme_summary", "README_MARKERS"]
+__all__ = ["fmt_size", "tables", "paths_table", "benchmark_md", "readme_summary", "README_MARKERS"]
 
 MB = 10**6
 
@@ -130,6 +132,18 @@ def counters_table(cases: list[Case]) -> str:
                                "(all repetitions, warm-up included)"], rows)
 
 
+def buffer_workloads(run: Run) -> str:
+    """The workloads of the buffer run, as the main run's are shown; for a
+    run without one (an older results.json, ``--no-buffer-run``), why not."""
+    if run.buffer_run is None:
+        why = (run.notes.get("skipped") or {}).get(
+            BUFFER_SKIPPED, "this results.json has none (it predates the buffer run, or the run "
+            "had --no-buffer-run)")
+        return f"Not measured: {why}."
+    cases = run.buffer_run.section("workloads")
+    return workloads_table(cases) + "\n\n" + counters_table(cases)
+
+
 def _memcpy(run: Run, section: str, nbytes: int) -> float | None:
     c = run.find(section, "memcpy", nbytes)
     return c.median("memcpy") if c else None
@@ -212,6 +226,17 @@ _SECTIONS: dict[str, tuple[str, str, Callable[[Run], str]]] = {
             workloads_table(r.section("workloads")), ceiling_table(r.section("workloads")),
             counters_table(r.section("workloads"))) if t),
     ),
+    "buffer": (
+        "Real workloads through the buffer (single-copy: false)",
+        "The same workloads, tcp:// against shm://, run again with `dask-shm.single-copy: false` "
+        "in every process (benchmark process, schedulers, clients, workers): the sender copies "
+        "into its shared buffer, the receiver copies out. This is the path of hosts that refuse "
+        "single copy (Yama `ptrace_scope` 2 or 3, some containers), and of anyone who turns it "
+        "off. It has its own tcp:// clusters and A/A control, so its ratios pair with its own "
+        "repetitions; read it beside the table above. The machine table says which path each "
+        "run took.",
+        buffer_workloads,
+    ),
     "mixed": (
         "Mixed sequence",
         "Each round: " + ", then ".join(STEPS) + ", on one cluster, then the other. "
@@ -250,7 +275,8 @@ def tables(run: Run, images: dict[str, str] | None = None, level: str = "##") ->
     (section -> file name) are linked under their section's table."""
     out: list[str] = []
     for key, (title, blurb, render) in _SECTIONS.items():
-        if not run.section(key):
+        # the buffer run exists only beside the workloads section
+        if not run.section("workloads" if key == "buffer" else key):
             continue
         out += [f"{level} {title}", "", blurb, "", render(run), ""]
         if images and key in images:
@@ -283,8 +309,29 @@ def _machine_table(run: Run) -> str:
                                    f"enabled = {m.get('thp enabled')}"],
         ["free page reporting", _reporting(m.get("free page reporting"))],
         ["date", str(m.get("date"))],
+        *_path_rows(run),
     ]
     return _table(["", ""], rows)
+
+
+def _path_rows(run: Run) -> list[list[str]]:
+    """Which path each cluster took, from dask-shm's counters ("-" for a run
+    that did not record them: an older results.json)."""
+    b = run.buffer_run
+    return [
+        ["path, shm:// cluster", describe(cluster_counters(run.paths, "shm") if run.paths else None)],
+        ["path, tcp:// clusters", tcp_clusters(run.paths, ["tcp", CONTROL])],
+        ["path, shm:// cluster of the buffer run",
+         describe(cluster_counters(b.paths, "shm") if b and b.paths else None, expect="buffer")],
+        ["path, tcp:// clusters of the buffer run",
+         tcp_clusters(b.paths, ["tcp", CONTROL]) if b else "-"],
+    ]
+
+
+def paths_table(run: Run) -> str:
+    """The machine table's path rows alone: what the command prints, since
+    which path a user gets is the first thing to know about the numbers."""
+    return _table(["cluster", "data path (dask-shm's counters)"], _path_rows(run))
 
 
 def _method(run: Run) -> str:
@@ -295,6 +342,19 @@ def _method(run: Run) -> str:
         "A/A control: the noise of the machine and of the method, in the same units as the "
         "tcp/shm ratios.",
     ] if any(c.values(CONTROL) for c in run.section("workloads")) else []
+    if run.buffer_run is not None:
+        control.append(
+            "- The workloads then run a second time, after these clusters closed, in a child "
+            "process whose environment sets `DASK_DASK_SHM__SINGLE_COPY=false`, on fresh "
+            "clusters (tcp://, shm:// and the control): every process of that run uses the "
+            "buffer path. Its repetitions pair among themselves only.")
+    paths = [
+        "- The paths in the machine table are dask-shm's own counters (`dask_shm.stats`), "
+        "summed over each cluster's workers, plus, for the shm:// cluster, the change in this "
+        "benchmark's process, which runs its scheduler and client: messages read in place "
+        "(single copy), copied through the buffer, or below the threshold and sent over TCP, "
+        "and handshakes at which single copy was refused, by reason.",
+    ] if run.paths else []
     lines = [
         "## Method",
         "",
@@ -312,6 +372,7 @@ def _method(run: Run) -> str:
         "runs both clusters' schedulers and clients (the idle cluster's heartbeats fall on both "
         "transports alike). Loopback bytes are bytes received on interface "
         "`lo` (`/proc/net/dev`) during a repetition: what shared memory did not carry.",
+        *paths,
         "- Workload inputs are persisted before timing; results are released and the scheduler "
         "drained between repetitions.",
         f"- Cold: each sample starts a fresh tcp:// and shm:// cluster, waits "
@@ -364,6 +425,10 @@ def readme_summary(run: Run) -> str:
         "",
         mixed_table(run),
     ]
+    if run.buffer_run is not None:  # older runs have none: their summary stays as it was
+        out += ["", "The same workloads through the buffer (`single-copy: false`, the path of "
+                "hosts that refuse single copy):", "",
+                workloads_table(run.buffer_run.section("workloads"))]
     return "\n".join(out)
 
 

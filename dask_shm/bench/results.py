@@ -5,6 +5,9 @@ A case keeps every repetition of every transport (the warm-up apart), so
 the report can be rebuilt from the JSON alone and any statistic recomputed
 later.  Metrics are named: ``wall`` and ``cpu`` in seconds, ``lo`` in bytes
 received on the loopback interface; sections may add their own.
+
+Keys added since format 1 began (``paths``, ``buffer_run``) are optional:
+a results.json written before them still loads, without them.
 """
 
 from __future__ import annotations
@@ -69,13 +72,21 @@ class Case:
 
 @dataclass
 class Run:
-    """Everything a report needs: machine, options, cases and notes."""
+    """Everything a report needs: machine, options, cases and notes.
+
+    ``paths``: dask-shm's counters per cluster, which say which data path
+    each took (see :mod:`dask_shm.bench.paths`).  ``buffer_run``: the
+    workloads measured again with ``dask-shm.single-copy: false`` in every
+    process (see :mod:`dask_shm.bench.buffer`), None if not run.
+    """
 
     machine: dict[str, Any]
     options: dict[str, Any]
     cases: list[Case]
     notes: dict[str, Any] = field(default_factory=dict)
     format: int = FORMAT
+    paths: dict[str, dict[str, int]] = field(default_factory=dict)
+    buffer_run: Run | None = None
 
     def section(self, name: str) -> list[Case]:
         return [c for c in self.cases if c.section == name]
@@ -93,10 +104,15 @@ def save(path: str, run: Run) -> None:
         f.write("\n")
 
 
-def load(path: str) -> Run:
-    with open(path) as f:
-        doc = json.load(f)
+def _run(doc: dict[str, Any], path: str) -> Run:
     if doc.get("format") != FORMAT:
         raise ValueError(f"{path}: results format {doc.get('format')!r}, this version reads {FORMAT}")
     cases = [Case(**c) for c in doc["cases"]]
-    return Run(doc["machine"], doc["options"], cases, doc.get("notes", {}), doc["format"])
+    nested = doc.get("buffer_run")
+    return Run(doc["machine"], doc["options"], cases, doc.get("notes", {}), doc["format"],
+               doc.get("paths") or {}, _run(nested, path) if nested else None)
+
+
+def load(path: str) -> Run:
+    with open(path) as f:
+        return _run(json.load(f), path)

@@ -39,6 +39,7 @@ import numpy as np
 
 from dask_shm.bench.clusters import measure, n_tasks, settle, workers
 from dask_shm.bench.paired import interleaved
+from dask_shm.bench.paths import change, worker_counters
 from dask_shm.bench.results import Case
 
 __all__ = ["Workload", "make_workloads", "run_workloads", "NO_TRANSFER", "CONTROL"]
@@ -254,22 +255,6 @@ def make_workloads(size: int, skipped: dict[str, str]) -> list[Workload]:
 # -- running ---------------------------------------------------------------------
 
 
-def _counters(client: Any) -> dict[str, int]:
-    """dask-shm's counters summed over the workers (not its gauges: a
-    state's change says nothing of the work done)."""
-    from dask_shm import stats
-    from dask_shm.metrics import GAUGES
-
-    total: dict[str, int] = {}
-    for snap in client.run(stats.snapshot).values():
-        for k, v in snap.items():
-            if k in GAUGES:
-                continue
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                total[k] = total.get(k, 0) + int(v)
-    return total
-
-
 def run_workloads(clients: dict[str, Any], workloads: list[Workload], reps: int,
                   progress: Callable[[str], None]) -> list[Case]:
     """Each workload on every cluster in ``clients`` (the transports, and
@@ -285,7 +270,7 @@ def run_workloads(clients: dict[str, Any], workloads: list[Workload], reps: int,
         with dask.config.set(w.config or {}):
             inputs = {s: w.setup(c) for s, c in clients.items()}
             baseline = {s: n_tasks(c) for s, c in clients.items()}
-            before = _counters(clients["shm"])
+            before = worker_counters(clients["shm"])
             # The ceiling runs last: a transport that followed it would find
             # memory the others freed long ago (on a VM with free page
             # reporting, a host fault per page) and, in alternate
@@ -293,16 +278,18 @@ def run_workloads(clients: dict[str, Any], workloads: list[Workload], reps: int,
             ceiling = [NO_TRANSFER] if w.ceiling else []
             for rep in range(reps + 1):
                 for v in interleaved(list(clients), rep) + ceiling:
-                    s, timed = ("tcp", w.ceiling) if v == NO_TRANSFER else (v, w.run)
+                    timed: Callable[[Any, Any], Any] = w.run
+                    s = v
+                    if v == NO_TRANSFER and w.ceiling is not None:  # (only then is it listed)
+                        s, timed = "tcp", w.ceiling
                     client = clients[s]
                     prepared = w.prepare(client, inputs[s])
                     metrics, held = measure(client, functools.partial(timed, client, prepared))
                     case.add(v, metrics, warmup=rep == 0)
                     del held, prepared
                     settle(client, baseline[s])
-            after = _counters(clients["shm"])
-        case.extra["shm counters"] = {k: v - before.get(k, 0) for k, v in after.items()
-                                      if v != before.get(k, 0)}
+            after = worker_counters(clients["shm"])
+        case.extra["shm counters"] = change(after, before)
         del inputs
         for c in clients.values():
             settle(c, 0)
