@@ -98,7 +98,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from dask_shm.janitor import own
-from dask_shm.names import MODE, Directory, new_name
+from dask_shm.names import MODE, Directory, close_quietly, held, new_name
 
 __all__ = ["Buffer", "Outbox", "PIPE_REGIONS", "running_loop"]
 
@@ -145,9 +145,21 @@ class Buffer:
         #: What closed outboxes leave to run once the lock is released (see
         #: :meth:`retire`); appended to under the lock.
         self._closed_jobs: deque[Callable[[], None]] = deque()
+        held(self)
 
     def __repr__(self) -> str:
         return f"<Buffer {self.name} {self.size} bytes>"
+
+    def drop_in_child(self) -> None:
+        """In a forked child (see :func:`dask_shm.names.held`): unmap (the
+        mmap object goes with its last view, closing its own descriptor)."""
+        if self._fd >= 0:
+            close_quietly(self._fd)
+            self._fd = -1
+        self.view = None
+        self._outboxes = set()
+        self._closed_jobs.clear()
+        self._lock = threading.Lock()  # perhaps held by a thread the child lacks
 
     def fill(self) -> None:
         """Reserve, map and fault in every page (blocking: ~0.6 ms per MiB
@@ -393,6 +405,21 @@ class Outbox:
         #: Makes stopping the watch and closing ``fd`` happen once, whichever
         #: thread gets there first.
         self._fd_lock = threading.Lock()
+        held(self)
+
+    def drop_in_child(self) -> None:
+        """In a forked child: close the pipe without touching the parent's
+        loop (its epoll set is shared), and forget the frames and regions
+        (the parent frees them)."""
+        self.closed = True
+        self.loop = None
+        self.then = None
+        self.inflight.clear()
+        self.pinned.clear()
+        self._waiter = None
+        if self.fd >= 0:
+            close_quietly(self.fd)
+            self.fd = -1
 
     def poll(self, buffer: Buffer) -> None:
         """Free the regions the receiver released (the buffer's lock held)."""

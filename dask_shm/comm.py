@@ -61,7 +61,7 @@ from dask_shm.config import Settings, settings
 from dask_shm.descriptor import INLINE, decode, encode
 from dask_shm.errors import DescriptorError, ShmFull
 from dask_shm.janitor import quiet_sweep
-from dask_shm.names import Owner, create_probe, current_owner, read_probe
+from dask_shm.names import Owner, close_quietly, create_probe, current_owner, held, read_probe
 from dask_shm.single_copy import declare_readable, reads_token
 
 __all__ = ["SHM", "SHMConnector", "SHMListener", "SHMBackend", "Link"]
@@ -136,6 +136,15 @@ class Link:
         #: Ends the link if its comm is dropped unclosed (see _later).
         self.finalizer: weakref.finalize[Any, Any] | None = None
         self._open = True
+        held(self)
+
+    def drop_in_child(self) -> None:
+        """In a forked child: the link is its parent's to end (its outbox
+        and inbox drop their descriptors themselves)."""
+        self._open = False
+        self.queue = None
+        if self.finalizer is not None:
+            self.finalizer.detach()
 
     async def read_in_place(self) -> None:
         """Wait until the peer has read what it reads in place from our
@@ -201,6 +210,16 @@ class _Handshake:
             except BaseException:
                 host.directory.unlink(self.probe)
                 raise
+        held(self)
+
+    def drop_in_child(self) -> None:
+        """In a forked child: the handshake is its parent's."""
+        self._done = self._abandoned = True
+        if self.finalizer is not None:
+            self.finalizer.detach()
+        fd, self.pipe_fd = self.pipe_fd, -1
+        if fd >= 0:
+            close_quietly(fd)
 
     def unlink(self) -> None:
         """Remove the names (the pipe's read end stays open).  Lock-free: a

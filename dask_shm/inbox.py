@@ -16,7 +16,7 @@ import numpy as np
 from distributed.comm.core import CommClosedError
 
 from dask_shm.errors import DescriptorError
-from dask_shm.names import Directory, Owner, check_file, check_name
+from dask_shm.names import Directory, Owner, check_file, check_name, close_quietly, held
 from dask_shm.single_copy import read_frames
 
 __all__ = ["PeerBuffer", "Inbox"]
@@ -43,6 +43,15 @@ class PeerBuffer:
         self.users = 0
         #: map() runs in copying threads, close() on the loop: one at a time.
         self._lock = threading.Lock()
+        held(self)
+
+    def drop_in_child(self) -> None:
+        """In a forked child: unmap (with the view) and close."""
+        self.view = None
+        self._lock = threading.Lock()  # perhaps held by a thread the child lacks
+        if self._fd >= 0:
+            close_quietly(self._fd)
+            self._fd = -1
 
     def map(self) -> np.ndarray:
         """The buffer's bytes, mapped at the first call.
@@ -100,6 +109,17 @@ class Inbox:
         self._lock = threading.Lock()  # close() against a copy in another thread
         self._copying = 0
         self.closed = False
+        held(self)
+
+    def drop_in_child(self) -> None:
+        """In a forked child: close our end of the release pipe, so that the
+        sender sees end-of-file once the parent closes its own."""
+        self.closed = True
+        self._copying = 0
+        self._lock = threading.Lock()  # perhaps held by a thread the child lacks
+        if self._pipe >= 0:
+            close_quietly(self._pipe)
+            self._pipe = -1
 
     def copy(self, offset: int, length: int, into: list[np.ndarray]) -> None:
         """Copy a region out into consecutive pieces of ``into`` (their sizes

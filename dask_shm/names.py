@@ -24,7 +24,9 @@ import re
 import secrets
 import stat
 import sys
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 from dask_shm.errors import DescriptorError, ShmFull
 
@@ -44,6 +46,8 @@ __all__ = [
     "MEMORY_FILESYSTEMS",
     "create_probe",
     "read_probe",
+    "held",
+    "close_quietly",
 ]
 
 logger = logging.getLogger(__name__)
@@ -230,16 +234,55 @@ def fmt_bytes(n: float) -> str:
     raise AssertionError
 
 
+#: Objects holding descriptors, mappings or duties of this process (see
+#: :func:`held`).
+_held: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def held(obj: Any) -> None:
+    """Register ``obj``, whose ``drop_in_child()`` a forked child calls: a
+    task that forks (``os.fork``, multiprocessing's fork context) must not
+    keep a release pipe open (its sender would never see end-of-file), a
+    peer's buffer mapped, or a duty such as unlinking its parent's files.
+    Each object closes its descriptors there, drops its mappings and
+    marks itself unusable, without touching the parent's event loop, whose
+    epoll set the child shares."""
+    _held.add(obj)
+
+
+def _drop_in_child() -> None:
+    for obj in list(_held):
+        obj.drop_in_child()
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_drop_in_child)
+
+
+def close_quietly(fd: int) -> None:
+    """Close ``fd``, whatever state it is in (for a forked child)."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 class Directory:
     """An open handle on the shm directory (``dask-shm.directory``)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        held(self)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
+            self.fd = -1
+
+    def drop_in_child(self) -> None:
+        if self.fd >= 0:
+            close_quietly(self.fd)
             self.fd = -1
 
     def __repr__(self) -> str:
@@ -283,6 +326,8 @@ class Directory:
         always gets through."""
         from dask_shm.janitor import forget
 
+        if self.fd < 0:  # closed, or inherited by a forked child: not ours to touch
+            return False
         try:
             try:
                 os.unlink(name, dir_fd=self.fd)

@@ -434,10 +434,45 @@ def cancel_handshake(args: list[str]) -> None:
          users=sum(h.users for h in Host._hosts.values()))
 
 
+def _sleep_quietly() -> None:
+    """A forked child's task: a minute's sleep, with stdout and stderr let go
+    (the test waits for their end as for its peer's)."""
+    import time
+
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    time.sleep(60)
+
+
+async def fork_then_hang_up(args: list[str]) -> None:
+    """Connect; read one message (so that what reading maps is mapped); fork
+    a child as a task would (``args[1]``: ``os.fork`` or ``multiprocessing``),
+    which sleeps for a minute; print ``FORKED <child pid>``; abort the comm
+    without reading the next message, and end."""
+    import multiprocessing
+
+    comm = await connect(args[0])
+    say("READY")
+    await comm.read()
+    if args[1] == "os.fork":
+        child = os.fork()
+        if child == 0:
+            _sleep_quietly()
+            os._exit(0)
+    else:
+        proc = multiprocessing.get_context("fork").Process(target=_sleep_quietly)
+        proc.start()
+        child = proc.pid
+    say("FORKED", child)
+    comm.abort()
+    done()
+
+
 ROLES = {
     f.__name__.replace("_", "-"): f
     for f in (echo, client, send, write_and_end, receive, serve_send, serve_receive, hold,
-              announce_size, offload, mid_stream, cancel_handshake)
+              announce_size, offload, mid_stream, cancel_handshake, fork_then_hang_up)
 }
 
 def become(uid: int | None, dumpable: bool | None) -> None:

@@ -134,3 +134,45 @@ def _write_fails(comm: Comm) -> bool:
         lambda f: f.cancelled() or f.exception()
     )
     return False
+
+
+@pytest.mark.parametrize("style", ["os.fork", "multiprocessing"])
+def test_a_task_that_forks_keeps_nothing_of_ours(path: str, style: str) -> None:
+    """A receiver forks (a task calling os.fork, or multiprocessing's fork
+    context) while a message to it is pinned, then hangs up unread: the
+    sender gets it back at once, as over TCP, not when the child exits; the
+    child holds no descriptor or mapping of ours."""
+    import os
+    import signal
+
+    from .conftest import PREFIX, SHM_DIR, peer
+
+    async def main() -> None:
+        comms: asyncio.Queue[Comm] = asyncio.Queue()
+
+        async def handler(comm: Comm) -> None:
+            await comms.put(comm)
+
+        async with listen("shm://127.0.0.1:0", handler) as listener:
+            async with peer("fork-then-hang-up", listener.contact_address, style) as p:
+                await p.ready()
+                comm = await comms.get()
+                assert comm.link is not None  # type: ignore[attr-defined]
+                for i in range(2):
+                    await comm.write({"x": to_serialize(np.full(20 * 10**6, i, dtype=np.uint8))})
+                words = await p._line("FORKED", 30)
+                child = int(words[0])
+                try:
+                    box = comm.link.outbox  # type: ignore[attr-defined]
+                    await until(lambda: box.closed)  # the child did not keep it open
+                    assert os.path.exists(f"/proc/{child}")
+                    with open(f"/proc/{child}/maps") as f:
+                        assert PREFIX not in f.read()
+                    fds = [os.readlink(f"/proc/{child}/fd/{fd}") for fd in os.listdir(f"/proc/{child}/fd")]
+                    assert not [t for t in fds if PREFIX in t or t.rstrip("/") == SHM_DIR.rstrip("/")], fds
+                finally:
+                    os.kill(child, signal.SIGKILL)  # (multiprocessing's waits for it at exit)
+                await p.done()
+                comm.abort()
+
+    run(main())
