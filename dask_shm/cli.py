@@ -25,7 +25,7 @@ def _directory(path: str | None) -> Any:
     from dask_shm.names import Directory
 
     path = path or settings().directory
-    reason = Directory.unusable_reason(path)
+    reason = Directory.unusable_reason(path, memory=False)
     if reason:
         raise click.ClickException(reason)
     return Directory(path)
@@ -146,8 +146,8 @@ def status(directory: str | None, as_json: bool) -> None:
     click.echo(f"{d.path}: {fs}, {_fmt(free)} free of {_fmt(total)}; huge pages: {huge}")
     if fs not in MEMORY_FILESYSTEMS:
         click.echo(
-            f"  not a memory filesystem: shm:// comms use plain TCP here. "
-            f"Set dask-shm.directory to a tmpfs such as /dev/shm"
+            "  not a memory filesystem: shm:// comms use plain TCP here. "
+            "Set dask-shm.directory to a tmpfs such as /dev/shm"
         )
     click.echo(copy_line)
     click.echo(

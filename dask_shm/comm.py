@@ -31,15 +31,13 @@ Besides, tornado's ``IOStream.set_close_callback`` replaces ``TCP``'s own.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import functools
 import logging
-import os
 import pickle
 import weakref
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 import numpy as np
@@ -53,23 +51,18 @@ from distributed.utils import ensure_memoryview, nbytes, offload
 from tornado import gen
 from tornado.iostream import IOStream
 
-from dask_shm import family, handoff, metrics, stats
-from dask_shm.buffers import Outbox, running_loop
-from dask_shm.host import Host, warn_once
-from dask_shm.inbox import Inbox, PeerBuffer
-from dask_shm.config import Settings, settings
+from dask_shm import family, handoff, handshake, stats
+from dask_shm.config import settings
 from dask_shm.descriptor import INLINE, decode, encode
-from dask_shm.errors import DescriptorError, ShmFull
-from dask_shm.janitor import quiet_sweep
-from dask_shm.names import Owner, close_quietly, create_probe, current_owner, held, read_probe
-from dask_shm.single_copy import declare_readable, reads_token
+from dask_shm.errors import DescriptorError
+from dask_shm.handshake import Link
+from dask_shm.host import later
+from dask_shm.inbox import Inbox
 
 __all__ = ["SHM", "SHMConnector", "SHMListener", "SHMBackend", "Link"]
 
 logger = logging.getLogger(__name__)
 
-#: Version of the handshake and descriptor protocol; peers must agree.
-PROTOCOL = 2
 #: Regions one message keeps in flight: two, so that the sender fills one
 #: while the receiver copies out the other (double buffering).  More would
 #: not speed a transfer up (the receiver's copy is the slower side) and
@@ -78,192 +71,6 @@ IN_FLIGHT = 2
 #: Frames are never split into shards on the shared-memory path: the
 #: fragments of the packed stream do that job.
 NO_SPLIT = 2**62
-
-
-class Link:
-    """What a comm negotiated: shared memory with a proven peer.
-
-    It also travels to serialization families in the write ``context``
-    (key ``"dask-shm"``), so the ``"shm"`` family knows the hop is shared.
-    """
-
-    def __init__(
-        self,
-        host: Host,
-        peer: Owner,
-        outbox: Outbox | None,
-        inbox: Inbox | None,
-        relay: bool,
-        conf: Settings,
-    ) -> None:
-        self.host = host
-        self.peer = peer
-        #: Where our messages to the peer go (None: we have no buffer).
-        self.outbox = outbox
-        #: Where the peer's messages come from (None: it has no buffer).
-        self.inbox = inbox
-        #: The peer does not deserialize (a scheduler): what it receives is
-        #: forwarded elsewhere, so the "shm" family must not be used for it.
-        self.relay = relay
-        self.threshold = conf.threshold
-        self.fragment_size = conf.fragment_size
-        #: Serializers for writes that name none (``dask-shm.serializers``).
-        self.serializers = conf.serializers
-        #: The peer reads our frames in place (one copy): set by the handshake.
-        self.single_copy = False
-        #: The peer is this very process (a client in its scheduler's
-        #: process): frames may be handed over rather than copied (see
-        #: :mod:`dask_shm.handoff`).
-        self.same_process = peer == current_owner()
-        self.below_threshold = stats.Tally("below-threshold")
-        #: While a message streams through the buffer, the messages written
-        #: after it, serialized, in order: (frames, through the buffer?).  No
-        #: message may start between the fragments of another.  None: nothing
-        #: is streaming, and messages go straight to TCP.
-        self.queue: deque[tuple[list[memoryview], bool]] | None = None
-        #: The task streaming the queue (see SHM._pump).
-        self.pump: asyncio.Future[None] | None = None
-        #: Writes on their way straight to TCP: envelopes, in-place
-        #: descriptors, and small messages on a link that streams (on one
-        #: that reads in place they go to TCP uncounted).  Their
-        #: serialization may yield (distributed offloads what is large or
-        #: what it cannot size), so a stream starts only once they are in
-        #: the stream (``drained``).
-        self.direct = 0
-        self.drained: asyncio.Future[None] | None = None
-        #: The comm's loop, which a finalizer hands the link's end to.
-        self.loop = running_loop()
-        #: Ends the link if its comm is dropped unclosed (see _later).
-        self.finalizer: weakref.finalize[Any, Any] | None = None
-        self._open = True
-        held(self)
-
-    def drop_in_child(self) -> None:
-        """In a forked child: the link is its parent's to end (its outbox
-        and inbox drop their descriptors themselves)."""
-        self._open = False
-        self.queue = None
-        if self.finalizer is not None:
-            self.finalizer.detach()
-
-    async def read_in_place(self) -> None:
-        """Wait until the peer has read what it reads in place from our
-        memory (or hung up).  ``TCP.close`` returns once the kernel holds
-        every byte written, so a process may exit right after it; frames
-        read in place live in this process until released."""
-        box, buffer = self.outbox, self.host.buffer
-        while box is not None and buffer is not None and box.pinned and not box.closed:
-            await buffer.wait(box, box.freed)
-
-    def written_direct(self) -> None:
-        """A write straight to TCP has ended: wake a stream waiting for it."""
-        self.direct -= 1
-        if not self.direct and self.drained is not None:
-            if not self.drained.done():
-                self.drained.set_result(None)
-            self.drained = None
-
-    def close(self) -> None:
-        """The comm has ended (idempotent)."""
-        if not self._open:
-            return
-        self._open = False
-        if self.finalizer is not None:
-            self.finalizer.detach()
-        if self.inbox is not None:
-            self.host.drop_inbox(self.inbox)
-        quiet_sweep(self.host.directory, owner=self.peer)  # if it was killed (-9)
-        buffer = self.host.buffer
-        if self.outbox is not None and buffer is not None:
-            # Our use of the host ends once the peer has released what it
-            # may still read (at once if nothing).
-            buffer.retire(self.outbox, self.host.release)
-        else:
-            self.host.release()
-
-    def __repr__(self) -> str:
-        return f"<Link {self.host.path} peer pid {self.peer.pid}>"
-
-
-class _Handshake:
-    """What this end created for a handshake under way: its probe and the
-    release pipe a peer would open.  Both names are unlinked when the
-    handshake ends, whichever way."""
-
-    def __init__(self, host: Host, conf: Settings) -> None:
-        self.host = host
-        self.conf = conf
-        self.probe, self.token = create_probe(host.directory)
-        #: The token again, in this process's memory: a peer that can read
-        #: it there (process_vm_readv) may read our frames in place.
-        self.memory = ctypes.create_string_buffer(self.token.encode("ascii"))
-        self.pipe: str | None = None
-        self.pipe_fd = -1
-        self.finalizer: weakref.finalize[Any, Any] | None = None
-        #: The loop of the comm, which a finalizer hands its work to.
-        self.loop = running_loop()
-        self._done = False
-        self._abandoned = False
-        if host.buffer is not None:
-            try:
-                self.pipe, self.pipe_fd = host.new_pipe()
-            except BaseException:
-                host.directory.unlink(self.probe)
-                raise
-        held(self)
-
-    def drop_in_child(self) -> None:
-        """In a forked child: the handshake is its parent's."""
-        self._done = self._abandoned = True
-        if self.finalizer is not None:
-            self.finalizer.detach()
-        fd, self.pipe_fd = self.pipe_fd, -1
-        if fd >= 0:
-            close_quietly(fd)
-
-    def unlink(self) -> None:
-        """Remove the names (the pipe's read end stays open).  Lock-free: a
-        finalizer may call it."""
-        self.host.directory.unlink(self.probe)
-        if self.pipe is not None:
-            self.host.directory.unlink(self.pipe)
-
-    def take_pipe(self) -> int:
-        fd, self.pipe_fd = self.pipe_fd, -1
-        return fd
-
-    def end(self) -> None:
-        """The handshake is over (its outcome now owns the host's use).
-        Idempotent."""
-        if self._done:
-            return
-        self._done = True
-        if self.finalizer is not None:
-            self.finalizer.detach()
-        self.unlink()
-
-    def fail(self, peer: Owner | None) -> None:
-        """The handshake broke off after ``peer`` (if known) said who it is:
-        if it was killed, remove what it left (no link to it exists whose
-        end would), then abandon."""
-        if peer is not None and not self._abandoned:
-            quiet_sweep(self.host.directory, owner=peer)
-        self.abandon()
-
-    def abandon(self, *, from_finalizer: bool = False) -> None:
-        """The handshake failed or fell back to TCP: remove everything.
-        Idempotent."""
-        if self._abandoned or (self._done and from_finalizer):
-            return
-        self._abandoned = True
-        self.end()
-        fd = self.take_pipe()
-        if fd >= 0:
-            os.close(fd)
-        if from_finalizer:
-            _later(self.host.release, self.loop)
-        else:
-            self.host.release()
 
 
 def _reaches(msg: Any, threshold: int) -> bool:
@@ -398,90 +205,37 @@ def _offloads(allow: bool, nbytes: int) -> bool:
     return bool(allow and OFFLOAD_THRESHOLD and nbytes > OFFLOAD_THRESHOLD)
 
 
-def _local_host() -> tuple[Settings, Host | None, str | None]:
-    """Settings, this process's host if it may use shared memory, and why
-    not (a fallback counter name) otherwise."""
-    conf = settings()
-    metrics.ensure_registered()
-    if not conf.enabled:
-        return conf, None, "fallback-disabled"
-    from dask_shm.names import Directory
-
-    reason = Directory.unusable_reason(conf.directory)
-    if reason is not None:
-        warn_once(
-            f"shared memory is unusable ({reason}); shm:// comms use plain TCP. "
-            "Set dask-shm.directory to a writable tmpfs to enable it"
-        )
-        return conf, None, "fallback-disabled"
-    try:
-        return conf, Host.acquire(conf.directory, conf.buffer_size), None
-    except OSError as e:
-        warn_once(
-            f"cannot use {conf.directory} ({e}); shm:// comms use TCP meanwhile. "
-            "Free space or inodes there, or set dask-shm.directory"
-        )
-        return conf, None, "fallback-probe-failed"
-
-
 class SHM(TCP):
     """A TCP comm that moves large messages through shared memory.
 
     Notes
     -----
-    **Handshake.**  ``handshake_info`` adds ``"dask-shm": {"version",
-    "probe", "owner", "relay", "buffer", "size", "release"}``: ``probe``
-    names a fresh file in the shm directory holding a random token, ``owner``
-    is this process's (pid, start time, pid namespace), ``buffer`` and
-    ``size`` its shared buffer (see :mod:`dask_shm.buffers`), ``release``
-    the FIFO through which the peer will release what it has read,
-    ``memory`` (see Single copy).  If both
-    peers sent the key with the same version, each reads the other's probe,
-    opens the other's buffer and release pipe, and both exchange one extra
-    message ``{"dask-shm-echo": token-or-None}``.  Shared memory is used only
-    if each side read the other's token: that proves a shared directory, the
-    same user and the same host, whatever the IP addresses say.  Otherwise,
-    or if the peer is a plain TCP comm, nothing more is exchanged and the
-    comm is TCP byte for byte.
+    The protocol (the handshake's messages, the envelope, the descriptor and
+    the release) is specified in docs/protocol.md; :mod:`dask_shm.handshake`
+    negotiates the link.  Here: after a successful handshake, a message
+    that may reach ``dask-shm.threshold`` bytes is serialized by this comm,
+    without sharding.  If its frames reach the threshold it goes
 
-    **Single copy.**  ``memory`` in the handshake is the address of the
-    probe token in this process's memory.  A peer that can read the token
-    there with ``process_vm_readv`` (same user; no Yama ptrace restriction
-    or seccomp filter; the pid it sees is ours) says so in its echo, and
-    then reads our large messages in place: the descriptor lists each
-    frame's address, the receiver copies the frames straight into its own
-    memory (one copy, by the kernel) and releases them through the release
-    pipe.  Our write returns at once, as ``TCP.write`` does, and the frames
-    stay pinned, unchanged, until released; ``close`` waits for that, as
-    ``TCP.close`` waits until the kernel holds every byte written (a
-    process may exit right after).  A relay therefore adds one copy over a
-    direct transfer, and none when it forwards to a reader in its own
-    process (a LocalCluster's client, in its scheduler's process): there the
-    reader takes over each frame that nothing but the pin refers to any
-    more, which is what a copy would give it (:mod:`dask_shm.handoff`).
+    - **in place** where the peer may read our memory: the descriptor lists
+      each frame's address and the write returns at once, as ``TCP.write``
+      returns with its frames queued; the frames stay pinned, unchanged,
+      until released, and ``close`` waits for that, as ``TCP.close`` waits
+      until the kernel holds every byte (a process may exit right after).
+      A relay adds one copy, and none when it forwards to a reader in its
+      own process (:mod:`dask_shm.handoff`);
+    - **through the buffer** otherwise: a task streams it, ``fragment-size``
+      at a time, while the messages written meanwhile wait in order behind
+      it (``Link.queue``); a fragment that finds no room, with none of its
+      message's in flight, travels inline.
 
-    **Messages.**  After a successful handshake, a message that may reach
-    ``dask-shm.threshold`` bytes is serialized here, without sharding.  If
-    its frames do reach the threshold, and the peer cannot read them in
-    place, they are packed one after the other
-    and copied into regions of this process's buffer, ``fragment-size`` at a
-    time; each TCP message is a ``Pickled`` envelope holding a descriptor
-    (:mod:`dask_shm.descriptor`) of the fragments placed so far.  The first
-    is sent as soon as one fragment is placed, so the receiver starts
-    copying out while the sender copies in; the rest follow as room is
-    released.  A fragment that finds no room, while none of this message's
-    fragments is in flight to be released, travels inline instead.  The
-    write returns once the message is serialized, as ``TCP.write`` returns
-    with its frames queued: a task streams it, and the messages written
-    meanwhile wait in order behind it (``Link.queue``).  The
-    receiver validates each descriptor before reading, copies each region
-    into frames allocated as ``TCP.read`` allocates them and releases it.
-    All other messages are plain TCP.
+    The receiver validates each descriptor before reading and copies into
+    frames allocated as ``TCP.read`` allocates them.  All other messages,
+    and every message of a comm whose handshake failed, are plain TCP.
     """
 
     def __init__(self, stream: IOStream, *args: Any, **kwargs: Any) -> None:
         super().__init__(stream, *args, **kwargs)
-        self._handshake: _Handshake | None = None
+        self._handshake: handshake.Handshake | None = None
         self._link: Link | None = None
         #: Messages written as plain TCP, counted as fallback-<why> once the
         #: handshake said why (see :mod:`dask_shm.stats`).
@@ -499,128 +253,30 @@ class SHM(TCP):
 
     def handshake_info(self) -> dict[str, Any]:
         info = super().handshake_info()
-        conf, host, why = _local_host()
-        if host is not None:
-            # Before our info tells peers where to read us (Yama scope 1).
-            declare_readable(conf.single_copy)
-        if host is not None:
-            try:
-                self._handshake = hs = _Handshake(host, conf)
-            except OSError as e:  # no room even for a probe: this comm is TCP
-                warn_once(
-                    str(e.strerror)  # names the file, the size, the free space, the remedy
-                    if isinstance(e, ShmFull)
-                    else f"cannot create a handshake probe in {host.path} ({e}); this comm "
-                    "uses TCP. Free space or inodes there, or set dask-shm.directory"
-                )
-                host.release()
-                why = "fallback-probe-failed"
+        self._handshake, why = handshake.start()
         if self._handshake is None:
-            self._plain = stats.Tally(why or "fallback-disabled")
+            self._plain = stats.Tally(why)
             return info
-        # distributed does not close a comm whose handshake failed: nothing
-        # of the handshake may outlive this object.
-        hs.finalizer = weakref.finalize(self, hs.abandon, from_finalizer=True)
-        info["dask-shm"] = {
-            "version": PROTOCOL,
-            "probe": hs.probe,
-            "owner": current_owner().as_tuple(),
-            "relay": not self.deserialize,
-            "buffer": None if host.buffer is None else host.buffer.name,
-            "size": None if host.buffer is None else host.buffer.size,
-            "release": hs.pipe,
-            "memory": ctypes.addressof(hs.memory) if conf.single_copy else None,
-        }
+        self._handshake.watch(self)
+        info["dask-shm"] = self._handshake.info(relay=not self.deserialize)
         return info
 
     async def _negotiate(self, remote: Any) -> None:
         hs = self._handshake
         assert hs is not None
-        host = hs.host
-        inbox: Inbox | None = None
-        peer: Owner | None = None
         try:
-            theirs = remote.get("dask-shm") if isinstance(remote, dict) else None
-            if not isinstance(theirs, dict) or theirs.get("version") != PROTOCOL:
-                stats.count("handshake-plain")
-                self._plain = stats.Tally("fallback-plain-peer")
-                hs.abandon()
-                return
-            try:
-                peer = Owner(*map(int, theirs["owner"]))
-                their_token = read_probe(host.directory, theirs["probe"], peer)
-                if their_token is not None and theirs.get("buffer") is not None:
-                    inbox = self._open_inbox(host, peer, theirs)
-            except (KeyError, TypeError, ValueError, OSError) as e:
-                logger.debug("%s: peer's shared memory unusable: %s", self, e)
-                peer, their_token = None, None
-            in_place = False
-            if inbox is not None and hs.conf.single_copy:
-                assert peer is not None and their_token is not None
-                refused = reads_token(peer, theirs.get("memory"), their_token)
-                if refused is not None:  # the buffer carries the peer's messages
-                    stats.count(f"single-copy-refused-{refused}")
-                in_place = refused is None
-            await super().write({"dask-shm-echo": their_token, "read-memory": in_place})
-            echo = await super().read()
-        except BaseException:
-            hs.fail(peer)
-            if inbox is not None:
-                host.drop_inbox(inbox)
-            raise
+            link, why = await hs.negotiate(
+                remote, lambda msg: super(SHM, self).write(msg), super().read, self.closed
+            )
+        except CommClosedError as e:
+            raise CommClosedError(f"in {self}: {e}") from e
         finally:
-            hs.end()  # the peer has opened what it needed by now
             self._handshake = None
-        if not (
-            peer is not None
-            and their_token is not None
-            and isinstance(echo, dict)
-            and echo.get("dask-shm-echo") == hs.token
-        ):
-            stats.count("handshake-no-probe")
-            self._plain = stats.Tally("fallback-no-probe")
-            logger.debug("%s: peer does not share %s; using TCP", self, host.path)
-            if inbox is not None:
-                host.drop_inbox(inbox)
-            hs.abandon()
+        if link is None:
+            self._plain = stats.Tally(why)
             return
-        pipe = hs.take_pipe()
-        buffer = host.buffer
-        single_copy = buffer is not None and pipe >= 0 and echo.get("read-memory") is True
-        if buffer is not None and not single_copy:
-            # Messages to this peer go through the buffer: fill it now (once
-            # per process; a link that reads in place never needs it).  If
-            # there is no room, the link's messages try again, one by one.
-            try:
-                await offload(host.fill)
-                if self.closed():  # aborted meanwhile (a listener stopping)
-                    raise CommClosedError(f"in {self}: closed during the handshake")
-            except BaseException:  # nothing of this link may stay
-                if pipe >= 0:
-                    os.close(pipe)
-                if inbox is not None:
-                    host.drop_inbox(inbox)
-                host.release()
-                raise
-        outbox = None
-        if pipe >= 0:
-            if buffer is not None:
-                outbox = buffer.attach(pipe)
-            else:
-                os.close(pipe)
-        self._link = link = Link(host, peer, outbox, inbox, bool(theirs.get("relay")), hs.conf)
-        link.single_copy = single_copy and outbox is not None
-        stats.count("handshake-shm")
-        link.finalizer = weakref.finalize(self, _later, link.close, link.loop)
-
-    @staticmethod
-    def _open_inbox(host: Host, peer: Owner, theirs: dict[str, Any]) -> Inbox:
-        buffer: PeerBuffer = host.peer(theirs["buffer"], peer, theirs.get("size"))
-        try:
-            return Inbox(buffer, host.directory, theirs.get("release"), peer)
-        except BaseException:
-            host.unpeer(buffer)
-            raise
+        self._link = link
+        link.finalizer = weakref.finalize(self, later, link.close, link.loop)
 
     # A staticmethod in Comm; distributed calls it on the instance, and the
     # outcome of this comm's negotiation is instance state.
@@ -1074,20 +730,6 @@ def _current_task() -> asyncio.Task[Any] | None:
         return asyncio.current_task()
     except RuntimeError:  # no running loop
         return None
-
-
-def _later(release: Callable[[], None], loop: asyncio.AbstractEventLoop | None) -> None:
-    """Run ``release`` soon, from a finalizer: it takes locks, and the
-    garbage collector may run a finalizer in any thread, while that thread
-    holds one.  Handed to ``loop`` (the comm's; a lock-free hand-off) while
-    it runs, else left for the next :class:`Host` operation."""
-    if loop is not None and loop.is_running():
-        try:
-            loop.call_soon_threadsafe(release)
-            return
-        except RuntimeError:  # closed meanwhile
-            pass
-    Host.defer(release)
 
 
 class SHMConnector(TCPConnector):

@@ -34,6 +34,7 @@ from distributed.protocol.serialize import register_serialization_family
 
 from dask_shm import stats
 from dask_shm.errors import DescriptorError
+from dask_shm.handshake import Link
 
 __all__ = ["NAME", "shm_dumps", "shm_loads", "register"]
 
@@ -47,8 +48,6 @@ def _decline(reason: str) -> NotImplementedError:
 
 def shm_dumps(x: Any, context: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[Any]]:
     """Serialize ``x`` for one negotiated shared-memory hop (see module docs)."""
-    from dask_shm.comm import Link  # comm imports this module, not the reverse
-
     if context is None:
         raise _decline("no-context")
     link = context.get("dask-shm")

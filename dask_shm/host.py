@@ -7,6 +7,8 @@ last to let go unlinks this process's buffer and unmaps the peers' (see
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import logging
 import os
 import threading
@@ -17,9 +19,9 @@ from dask_shm.buffers import Buffer, run_queued
 from dask_shm.errors import DescriptorError, ShmFull
 from dask_shm.inbox import Inbox, PeerBuffer
 from dask_shm.janitor import own, quiet_sweep
-from dask_shm.names import MODE, Directory, Owner, check_name, new_name
+from dask_shm.names import MODE, Directory, Owner, check_name, create_probe, new_name
 
-__all__ = ["Host", "info", "warn_once"]
+__all__ = ["Host", "info", "later", "warn_once"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,18 @@ class Host:
         self.refused = False
         self._peers: dict[str, PeerBuffer] = {}
         quiet_sweep(self.directory)  # orphans of processes killed earlier
+        try:
+            #: This process's probe: a file holding a random token, which a
+            #: peer proves it shares the directory and the user by reading
+            #: (see dask_shm.handshake).  One per process and directory,
+            #: whatever the number of comms.
+            self.probe, self.token = create_probe(self.directory)
+        except BaseException:
+            self.directory.close()
+            raise
+        #: The token again, in this process's memory: a peer that can read
+        #: it there (process_vm_readv) may read our frames in place.
+        self.memory = ctypes.create_string_buffer(self.token.encode("ascii"))
 
     @classmethod
     def acquire(cls, path: str, buffer_size: int) -> Host:
@@ -94,6 +108,7 @@ class Host:
             peer.close()
         if buffer is not None:
             buffer.destroy()
+        self.directory.unlink(self.probe)
         self.directory.close()
 
     @classmethod
@@ -202,6 +217,20 @@ class Host:
 
 
 os.register_at_fork(after_in_child=Host.reset_after_fork)
+
+def later(release: Callable[[], None], loop: asyncio.AbstractEventLoop | None) -> None:
+    """Run ``release`` soon, from a finalizer: it takes locks, and the
+    garbage collector may run a finalizer in any thread, while that thread
+    holds one.  Handed to ``loop`` (the comm's; a lock-free hand-off) while
+    it runs, else left for the next :class:`Host` operation."""
+    if loop is not None and loop.is_running():
+        try:
+            loop.call_soon_threadsafe(release)
+            return
+        except RuntimeError:  # closed meanwhile
+            pass
+    Host.defer(release)
+
 
 _warned = False
 

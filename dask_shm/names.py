@@ -3,13 +3,14 @@ directory handle every file access goes through.
 
 Every file dask-shm creates is named::
 
-    dask-shm-<pid>-<start time>-<pid namespace>-<kind>-<128 random bits>
+    dask-shm-<pid>-<start time>-<pid namespace>-<boot>-<kind>-<128 random bits>
 
 ``kind`` is ``b`` for a process's shared buffer, ``r`` for a release pipe
-(a FIFO, named only during a handshake) and ``p`` for a handshake probe.
-The start time (from ``/proc/<pid>/stat``) makes a name survive pid reuse,
-so the janitor can prove its owner dead; the random part makes it
-unguessable.  Names are checked against this exact pattern before anything
+(a FIFO, named only during a handshake) and ``p`` for a process's
+handshake probe.  The start time (from ``/proc/<pid>/stat``) makes a name
+survive pid reuse, so the janitor can prove its owner dead; ``boot`` (the
+first 64 bits of the kernel's boot id) says which host's ``/proc`` may
+judge it at all; the random part makes it unguessable.  Names are checked against this exact pattern before anything
 is opened, and every open, rename and unlink is relative to the directory's
 file descriptor, so nothing outside the directory is ever touched.
 """
@@ -62,10 +63,10 @@ KINDS = {"b": "buffer", "r": "release pipe", "p": "probe"}
 
 _NAME_RE = re.compile(
     r"dask-shm-(?P<pid>[0-9]{1,10})-(?P<start>[0-9]{1,20})-(?P<ns>[0-9]{1,20})"
-    r"-(?P<kind>[brp])-(?P<token>[0-9a-f]{32})"
+    r"-(?P<boot>[0-9a-f]{16})-(?P<kind>[brp])-(?P<token>[0-9a-f]{32})"
 )
 #: Longest valid name; anything longer is refused before a regex runs.
-MAX_NAME_LENGTH = len(PREFIX) + 10 + 1 + 20 + 1 + 20 + 3 + 32
+MAX_NAME_LENGTH = len(PREFIX) + 10 + 1 + 20 + 1 + 20 + 1 + 16 + 3 + 32
 
 
 @dataclass(frozen=True)
@@ -75,14 +76,18 @@ class Owner:
     pid: int
     start: int
     ns: int
+    #: The first 64 bits of its kernel's boot id, in hex.
+    boot: str
 
     def alive(self, *, strict: bool = False) -> bool:
         """Whether this process still runs.  When we cannot tell (another
-        pid namespace, an unreadable ``/proc`` entry): True, so that the
-        janitor never removes a live process's files; with ``strict``,
-        False, so that nothing is read from a pid we cannot vouch for."""
-        if self.ns != current_owner().ns:
-            return not strict  # another pid namespace: its pids mean nothing here
+        host or pid namespace, an unreadable ``/proc`` entry): True, so
+        that the janitor never removes a live process's files; with
+        ``strict``, False, so that nothing is read from a pid we cannot
+        vouch for."""
+        me = current_owner()
+        if self.ns != me.ns or self.boot != me.boot:
+            return not strict  # its pids mean nothing in our /proc
         info = _proc_stat(self.pid)
         if info is None:
             return False
@@ -91,8 +96,27 @@ class Owner:
             return not strict
         return state not in ("Z", "X") and start == self.start
 
-    def as_tuple(self) -> tuple[int, int, int]:
-        return (self.pid, self.start, self.ns)
+    def as_tuple(self) -> tuple[int, int, int, str]:
+        return (self.pid, self.start, self.ns, self.boot)
+
+    @classmethod
+    def from_tuple(cls, value: object) -> Owner:
+        """The owner a peer announced (``as_tuple``).
+
+        Raises
+        ------
+        DescriptorError
+            If it is not a well-formed identity.
+        """
+        if isinstance(value, list | tuple) and len(value) == 4:
+            pid, start, ns, boot = value
+            if (
+                all(type(v) is int and 0 <= v < 2**64 for v in (pid, start, ns))
+                and isinstance(boot, str)
+                and re.fullmatch(r"[0-9a-f]{16}", boot)
+            ):
+                return cls(pid, start, ns, boot)
+        raise DescriptorError(f"not a process identity: {value!r:.100}")
 
 
 #: ``/proc/<pid>/stat`` flag of a process that is exiting: a process killed
@@ -129,14 +153,23 @@ def current_owner() -> Owner:
             ns = os.stat("/proc/self/ns/pid").st_ino
         except OSError:
             ns = 0
-        _owner_cache = (pid, Owner(pid, info[1] if info else 0, ns))
+        _owner_cache = (pid, Owner(pid, info[1] if info else 0, ns, _boot_id()))
     return _owner_cache[1]
+
+
+def _boot_id() -> str:
+    """The first 64 bits of this kernel's boot id (random per boot)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip().replace("-", "")[:16].lower()
+    except OSError:
+        return "0" * 16
 
 
 def new_name(kind: str) -> str:
     """A fresh, unguessable name of ``kind`` owned by this process."""
     o = current_owner()
-    return f"{PREFIX}{o.pid}-{o.start}-{o.ns}-{kind}-{secrets.token_hex(16)}"
+    return f"{PREFIX}{o.pid}-{o.start}-{o.ns}-{o.boot}-{kind}-{secrets.token_hex(16)}"
 
 
 def parse_name(name: object) -> tuple[Owner, str]:
@@ -153,7 +186,7 @@ def parse_name(name: object) -> tuple[Owner, str]:
     m = _NAME_RE.fullmatch(name)
     if m is None:
         raise DescriptorError(f"not a dask-shm name: {name!r}")
-    return Owner(int(m["pid"]), int(m["start"]), int(m["ns"])), m["kind"]
+    return Owner(int(m["pid"]), int(m["start"]), int(m["ns"]), m["boot"]), m["kind"]
 
 
 def check_name(name: object, owner: Owner, kind: str) -> str:
@@ -289,14 +322,22 @@ class Directory:
         return f"<Directory {self.path}>"
 
     @staticmethod
-    def unusable_reason(path: str) -> str | None:
-        """Why ``path`` cannot hold buffers on this machine, or None."""
+    def unusable_reason(path: str, *, memory: bool = True) -> str | None:
+        """Why ``path`` cannot hold buffers on this machine, or None; with
+        ``memory`` false, a directory on another filesystem passes (to
+        list or sweep what is there)."""
         if not sys.platform.startswith("linux"):
             return f"shared memory needs Linux (this is {sys.platform})"
         if not os.path.isdir(path):
             return f"{path} does not exist"
         if not os.access(path, os.W_OK | os.X_OK):
             return f"{path} is not writable by uid {os.geteuid()}"
+        fs = filesystem(path)
+        if memory and fs not in MEMORY_FILESYSTEMS:
+            return (
+                f"{path} is on {fs}, not a memory filesystem (tmpfs): buffers would "
+                "be written to a disk, or shared across hosts"
+            )
         return None
 
     def free_space(self) -> tuple[int, int]:

@@ -38,16 +38,18 @@ them on Dask's Prometheus endpoints.  Names:
 ``fallback-<reason>``
     Messages written on ``shm://`` comms that are plain TCP, by why:
     ``no-probe`` (the peer failed the handshake probe: another host, user or
-    directory), ``plain-peer`` (the peer is ``tcp://`` or speaks another
-    protocol version), ``disabled`` (``dask-shm.enabled`` is false or the
-    directory is unusable), ``probe-failed`` (this side could not create its
+    directory), ``not-opened`` (a proven peer named a buffer or release
+    pipe that could not be opened, or refused ours), ``plain-peer`` (the
+    peer is ``tcp://`` or speaks another protocol version), ``disabled``
+    (``dask-shm.enabled`` is false, or the directory is unusable or not a
+    memory filesystem), ``probe-failed`` (this side could not create its
     probe: a full directory).
 ``below-threshold``
     Messages on shared-memory comms estimated smaller than
     ``dask-shm.threshold`` (sent as plain TCP without looking further).
-``handshake-shm`` / ``handshake-no-probe`` / ``handshake-plain``
-    Handshakes that negotiated shared memory, failed the probe, or met a
-    peer without dask-shm.
+``handshake-shm`` / ``handshake-no-probe`` / ``handshake-not-opened`` / ``handshake-plain``
+    Handshakes that negotiated shared memory, failed the probe, could not
+    open what a proven peer named, or met a peer without dask-shm.
 ``family-messages`` / ``family-declined-<reason>``
     Objects the ``"shm"`` serialization family serialized, and times it let
     the next family serve: ``no-context`` (spilling, direct ``serialize()``),

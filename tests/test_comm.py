@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +28,7 @@ import dask_shm.comm
 from dask_shm import stats
 from dask_shm.comm import _SAMPLE, SHM, SHMBackend, _Envelope, _offloads, _reaches
 from dask_shm.descriptor import INLINE, encode
+from dask_shm.handshake import Handshake
 from dask_shm.names import PREFIX, Directory, current_owner, new_name
 
 from .conftest import SHM_DIR, OpenWatch, is_root, our_fds, ours, peer, until
@@ -728,22 +731,27 @@ def test_a_process_without_a_buffer_receives_but_sends_over_tcp() -> None:
     assert stats.snapshot()["shm-messages"] == 2  # the echoes
 
 
-def test_peer_with_another_directory_fails_the_probe(tmp_path: Path) -> None:
+def test_peer_with_another_directory_fails_the_probe() -> None:
     """A peer that cannot see our directory (as a container with its own
     /dev/shm on the same IP) gets TCP, and correct data; the "shm" family
     declines there and the next family serves."""
+    tmp_path = Path(tempfile.mkdtemp(dir=SHM_DIR))  # a tmpfs, another directory
 
     async def main() -> dict[str, Any]:
         async with listen("shm://127.0.0.1:0", echo_server) as listener:
             async with peer("client", listener.contact_address, directory=str(tmp_path)) as p:
                 return await p.done()
 
-    theirs = run(main())
+    try:
+        theirs = run(main())
+    finally:
+        left = os.listdir(tmp_path)
+        shutil.rmtree(tmp_path)
+    assert not left
     assert not theirs["linked"] and theirs.get("shm-messages", 0) == 0
     assert theirs.get("family-messages", 0) == 0 and theirs["handshake-no-probe"] == 1
     assert stats.snapshot().get("handshake-no-probe", 0) == 1
     assert stats.snapshot()["fallback-no-probe"] == 2  # the listener's two echoes
-    assert not os.listdir(tmp_path)
 
 
 def test_peer_process_on_same_host_uses_shm() -> None:
@@ -899,16 +907,34 @@ def announcing(monkeypatch: pytest.MonkeyPatch, **fields: Any) -> Iterator[set[s
     called with the real entry)."""
     targets: set[str] = set()
     real = SHM.handshake_info
+    real_negotiate = Handshake.negotiate
+    #: Keys of the second message (the echo); the rest are the first's.
+    in_echo = {"release"}
 
     def handshake_info(self: SHM) -> dict[str, Any]:
         info = real(self)
         if self.peer_address in targets and "dask-shm" in info:
             entry = info["dask-shm"]
+            real_entry = dict(entry)
             for key, value in fields.items():
-                entry[key] = value(entry) if callable(value) else value
+                if key not in in_echo:
+                    entry[key] = value(real_entry) if callable(value) else value
+            self._handshake.tamper = real_entry  # type: ignore[union-attr]
         return info
 
+    async def negotiate(self: Handshake, remote: Any, write: Any, *args: Any) -> Any:
+        entry = getattr(self, "tamper", None)
+
+        async def tampered(msg: Any) -> Any:
+            if entry is not None and isinstance(msg, dict) and "dask-shm-echo" in msg:
+                for key in in_echo & set(fields):
+                    msg[key] = fields[key](entry) if callable(fields[key]) else fields[key]
+            return await write(msg)
+
+        return await real_negotiate(self, remote, tampered, *args)
+
     monkeypatch.setattr(SHM, "handshake_info", handshake_info)
+    monkeypatch.setattr(Handshake, "negotiate", negotiate)
     yield targets
 
 
@@ -943,7 +969,7 @@ ME = current_owner()
     [
         pytest.param({"buffer": "/etc/passwd"}, id="buffer-path"),
         pytest.param({"buffer": "../../etc/passwd"}, id="buffer-relative-path"),
-        pytest.param({"buffer": f"dask-shm-{ME.pid + 1}-{ME.start}-{ME.ns}-b-{'0' * 32}"},
+        pytest.param({"buffer": f"dask-shm-{ME.pid + 1}-{ME.start}-{ME.ns}-{ME.boot}-b-{'0' * 32}"},
                      id="buffer-of-another-process"),
         pytest.param({"buffer": lambda e: e["probe"]}, id="buffer-is-the-probe"),
         pytest.param({"buffer": 42}, id="buffer-not-a-name"),
@@ -951,7 +977,8 @@ ME = current_owner()
         pytest.param({"release": lambda e: e["buffer"]}, id="release-is-the-buffer"),
         pytest.param({"size": -1}, id="size-negative"),
         pytest.param({"size": "64 MiB"}, id="size-a-string"),
-        pytest.param({"owner": [ME.pid + 1, ME.start, ME.ns]}, id="owner-another-process"),
+        pytest.param({"owner": [ME.pid + 1, ME.start, ME.ns, ME.boot]}, id="owner-another-process"),
+        pytest.param({"owner": [ME.pid, ME.start, ME.ns]}, id="owner-without-boot"),
         pytest.param({"owner": "me"}, id="owner-garbage"),
         pytest.param({"probe": "/etc/passwd"}, id="probe-path"),
     ],
@@ -964,7 +991,10 @@ def test_a_bad_handshake_is_refused_and_the_comm_is_plain_tcp(
     np.testing.assert_array_equal(back, np.arange(10**6))
     assert mine is None and theirs is None
     counts = stats.snapshot()
-    assert counts["handshake-no-probe"] == 2 and counts.get("shm-messages", 0) == 0, counts
+    # Who the peer is (owner, probe) fails the proof; what a proven peer
+    # names (buffer, size, release pipe) fails when it is opened.
+    failed = "no-probe" if {"owner", "probe"} & set(fields) else "not-opened"
+    assert counts[f"handshake-{failed}"] == 2 and counts.get("shm-messages", 0) == 0, counts
 
 
 def test_a_path_announced_at_the_handshake_is_never_opened(

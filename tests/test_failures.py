@@ -176,3 +176,102 @@ def test_a_task_that_forks_keeps_nothing_of_ours(path: str, style: str) -> None:
                 comm.abort()
 
     run(main())
+
+
+def test_connections_that_say_nothing_cost_no_file_and_no_descriptor() -> None:
+    """Unauthenticated sockets to an shm:// listener (nothing sent) make it
+    hold nothing per connection: the probe and the buffer are per process,
+    and a release pipe is made only for a peer that proved itself."""
+    from .conftest import our_fds, ours
+
+    async def main() -> None:
+        async with listen("shm://127.0.0.1:0", _echo) as listener:
+            host, port = listener.contact_address.removeprefix("shm://").rsplit(":", 1)
+            # One proven comm first, so that the per-process files exist.
+            comm = await connect(listener.contact_address)
+            await comm.write({"x": 1})
+            await comm.read()  # both ends linked
+            files, fds = ours(), our_fds()
+            idle = [await asyncio.open_connection(host, int(port)) for _ in range(50)]
+            try:
+                # The listener has started a handshake on each (its info sent).
+                for reader, _ in idle:
+                    assert await asyncio.wait_for(reader.read(8), 10)
+                assert ours() == files and sorted(our_fds()) == sorted(fds)
+            finally:
+                for _, writer in idle:
+                    writer.close()
+            await comm.close()
+
+    run(main())
+
+
+def test_a_directory_that_is_not_memory_is_refused_with_one_warning(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a disk (or network) filesystem buffers would be written back, or
+    seen from another host: shm:// is plain TCP there, with one warning
+    naming the reason."""
+    import logging
+
+    from dask_shm import host as host_module
+    from dask_shm import stats
+    from dask_shm.names import filesystem
+
+    assert filesystem(str(tmp_path)) != "tmpfs", "this test needs tmp_path on a disk"
+    host_module._warned = False
+
+    async def main() -> None:
+        async with listen("shm://127.0.0.1:0", _echo) as listener:
+            for _ in range(3):
+                comm = await connect(listener.contact_address)
+                assert comm.link is None  # type: ignore[attr-defined]
+                x = np.arange(10**6)
+                await comm.write({"x": to_serialize(x)})
+                assert np.array_equal((await comm.read())["x"], x)
+                await comm.close()
+
+    with dask.config.set({"dask-shm.directory": str(tmp_path)}), caplog.at_level(logging.WARNING):
+        run(main())
+    warnings = [r.getMessage() for r in caplog.records if "dask-shm" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "not a memory filesystem" in warnings[0] and str(tmp_path) in warnings[0]
+    assert stats.snapshot()["fallback-disabled"] > 0
+    assert not list(tmp_path.iterdir())
+
+
+async def _echo(comm: Comm) -> None:
+    try:
+        while True:
+            await comm.write(await comm.read())
+    except CommClosedError:
+        pass
+
+
+def test_a_read_from_a_pid_that_is_no_longer_the_peer_is_refused() -> None:
+    """A descriptor names its sender by the pid the handshake proved; if
+    that process died and another took its pid, what a read finds there is
+    not the peer's.  Simulated exactly: a live process whose start time is
+    not the one recorded is what a reused pid looks like."""
+    import errno
+    import subprocess
+    import sys
+
+    from dask_shm.names import current_owner
+    from dask_shm.single_copy import read_frames
+
+    me = current_owner()
+    x = np.arange(1000, dtype=np.uint8)
+    got = np.zeros_like(x)
+    read_frames(me, [(x.ctypes.data, got)])  # the real peer: read
+    assert np.array_equal(got, x)
+    impostor = type(me)(me.pid, me.start + 1, me.ns, me.boot)  # same pid, other process
+    with pytest.raises(ProcessLookupError) as e:
+        read_frames(impostor, [(x.ctypes.data, got)])
+    assert e.value.errno == errno.ESRCH and "may have been reused" in str(e.value)
+    # And a pid whose process has exited.
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    gone = type(me)(int(proc.stdout), me.start, me.ns, me.boot)
+    with pytest.raises(ProcessLookupError):
+        read_frames(gone, [(x.ctypes.data, got)])

@@ -63,7 +63,7 @@ def test_janitor_removes_what_a_killed_process_left() -> None:
     """kill -9 skips every exit handler; the janitor removes what is left."""
     pid = crash()
     left = [n for n in ours() if n.startswith(f"dask-shm-{pid}-")]
-    assert sorted(n.split("-")[5] for n in left) == ["b", "p", "r"]
+    assert sorted(n.split("-")[6] for n in left) == ["b", "p", "r"]
     d = Directory(SHM_DIR)
     try:
         infos = [i for i in list_files(d) if i.owner.pid == pid]
@@ -100,16 +100,21 @@ def _plant(name: str) -> None:
 def test_janitor_detects_pid_reuse_and_leaves_other_namespaces_alone() -> None:
     me = current_owner()
     token = new_name("b").rsplit("-", 1)[1]
-    reused = f"dask-shm-{me.pid}-{me.start + 1}-{me.ns}-b-{token}"
-    foreign = f"dask-shm-{2**22 + 7}-1-{me.ns + 1}-b-{token}"  # another pid namespace
+    reused = f"dask-shm-{me.pid}-{me.start + 1}-{me.ns}-{me.boot}-b-{token}"
+    foreign = f"dask-shm-{2**22 + 7}-1-{me.ns + 1}-{me.boot}-b-{token}"  # another pid namespace
+    # Another host's (a directory shared across hosts): our /proc says
+    # nothing of it, even where its pid and namespace match a dead one here.
+    remote = f"dask-shm-{2**22 + 7}-1-{me.ns}-{'f' * 16}-b-{token}"
     _plant(reused)
     _plant(foreign)
+    _plant(remote)
     d = Directory(SHM_DIR)
     try:
         assert [i.name for i in sweep(d)] == [reused]
-        assert foreign in ours()
+        assert foreign in ours() and remote in ours()
     finally:
         os.unlink(f"{SHM_DIR}/{foreign}")
+        os.unlink(f"{SHM_DIR}/{remote}")
         d.close()
 
 

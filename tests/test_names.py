@@ -24,17 +24,17 @@ from dask_shm.names import (
 )
 
 ME = current_owner()
-OTHER = Owner(ME.pid + 1, ME.start, ME.ns)
+OTHER = Owner(ME.pid + 1, ME.start, ME.ns, ME.boot)
 
 
 def name_of(owner: Owner, token: str = "0" * 32, kind: str = "b") -> str:
-    return f"dask-shm-{owner.pid}-{owner.start}-{owner.ns}-{kind}-{token}"
+    return f"dask-shm-{owner.pid}-{owner.start}-{owner.ns}-{owner.boot}-{kind}-{token}"
 
 
 def test_owner_identity_in_names() -> None:
     for kind in KINDS:
         name = new_name(kind)
-        assert name.startswith(f"dask-shm-{ME.pid}-{ME.start}-{ME.ns}-{kind}-")
+        assert name.startswith(f"dask-shm-{ME.pid}-{ME.start}-{ME.ns}-{ME.boot}-{kind}-")
         assert parse_name(name) == (ME, kind)
         assert len(name) <= MAX_NAME_LENGTH
     assert new_name("b") != new_name("b")
@@ -75,7 +75,8 @@ def test_arbitrary_text_is_never_a_name_unless_it_matches_exactly(text: str) -> 
         name_of(ME, kind="f"),
         "dask-shm-é",
         "x" * 100_000,
-        b"dask-shm-1-2-3-b-" + b"0" * 32,  # bytes, not str
+        b"dask-shm-1-2-3-0000000000000000-b-" + b"0" * 32,  # bytes, not str
+        f"dask-shm-{ME.pid}-{ME.start}-{ME.ns}-b-{'0' * 32}",  # no boot id (version 2)
         None,
         42,
         ["dask-shm"],
@@ -93,8 +94,9 @@ def test_adversarial_names_are_refused(name: object) -> None:
     "name, kind",
     [
         (name_of(OTHER), "b"),  # another process's buffer
-        (name_of(Owner(ME.pid, ME.start + 1, ME.ns)), "b"),  # the pid, reused
-        (name_of(Owner(ME.pid, ME.start, ME.ns + 1)), "b"),  # another pid namespace
+        (name_of(Owner(ME.pid, ME.start + 1, ME.ns, ME.boot)), "b"),  # the pid, reused
+        (name_of(Owner(ME.pid, ME.start, ME.ns + 1, ME.boot)), "b"),  # another pid namespace
+        (name_of(Owner(ME.pid, ME.start, ME.ns, "f" * 16)), "b"),  # another host's
         (name_of(ME, kind="p"), "b"),  # a probe offered as a buffer
         (name_of(ME, kind="b"), "r"),  # a buffer offered as a release pipe
         (name_of(ME, kind="r"), "p"),
