@@ -157,18 +157,51 @@ def no_leaks() -> Iterator[None]:
 #: payloads over TCP).
 TEST_THRESHOLD = "1 MiB"
 
+#: Every path an shm:// message may take, for the parity checks that run on
+#: each (``@pytest.mark.parametrize("scheme, conf", PATHS)``): plain
+#: ``tcp://`` as the reference, single copy, the buffer (with the default
+#: and a small buffer that every message streams through in many
+#: fragments), and the TCP an shm:// comm falls back to.  A path added later
+#: is added here, and every parity check covers it.
+PATHS = [
+    pytest.param("tcp", {}, id="tcp"),
+    pytest.param("shm", {"dask-shm.single-copy": True}, id="single-copy"),
+    pytest.param("shm", {"dask-shm.single-copy": False}, id="buffer"),
+    pytest.param(
+        "shm",
+        {"dask-shm.single-copy": False, "dask-shm.buffer-size": "1 MiB",
+         "dask-shm.fragment-size": "256 KiB"},
+        id="small-buffer",
+    ),
+    pytest.param("shm", {"dask-shm.enabled": False}, id="shm-as-tcp"),
+]
+
+
+def took_path(scheme: str, conf: dict[str, object]) -> None:
+    """Assert that this process's messages went the way ``conf`` says (one
+    of :data:`PATHS`), so that a parity check proves what it claims."""
+    counts = stats.snapshot()
+    if scheme == "tcp" or conf.get("dask-shm.enabled") is False:
+        assert counts.get("shm-messages", 0) == 0, counts
+        if scheme == "shm":
+            assert counts.get("fallback-disabled", 0) > 0, counts
+    elif conf.get("dask-shm.single-copy"):
+        assert counts.get("single-copy-messages", 0) > 0, counts
+    else:
+        assert counts.get("shm-messages", 0) > 0, counts
+        assert counts.get("single-copy-messages", 0) == 0, counts
+
 
 @pytest.fixture(autouse=True)
-def through_the_buffer(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Tests go through the shared buffer (``single-copy: false``), the path
-    with the most machinery, unless marked ``single_copy``: where the kernel
-    permits it (here it does) the default reads large frames in place, and
-    tests/test_single_copy.py covers that path.  The threshold is lowered to
-    ``TEST_THRESHOLD`` so that small test payloads take shared memory.
-    Processes started with their own environment (the dask CLI) keep the
-    defaults."""
+def test_threshold(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The threshold is lowered to ``TEST_THRESHOLD`` so that small test
+    payloads take shared memory.  Tests take the default path (single copy,
+    where the kernel permits it: here it does) unless marked ``buffer``
+    (they are about the buffer's machinery: regions, fragments, room) or
+    parametrized over :data:`PATHS`.  Processes started with their own
+    environment (the dask CLI) keep the defaults."""
     conf: dict[str, object] = {"dask-shm.threshold": TEST_THRESHOLD}
-    if not request.node.get_closest_marker("single_copy"):
+    if request.node.get_closest_marker("buffer"):
         conf["dask-shm.single-copy"] = False
     with dask.config.set(conf):
         yield
@@ -261,7 +294,7 @@ def peer_env(**conf: str) -> dict[str, str]:
     """The environment of a peer process: ours, with ``dask-shm`` keys
     (``buffer_size="1 MiB"``) and any ``DASK_...`` variable (given whole)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    # The path under test follows this test's (see through_the_buffer).
+    # The path under test follows this test's (see test_threshold).
     env["DASK_DASK_SHM__SINGLE_COPY"] = str(dask.config.get("dask-shm.single-copy")).lower()
     env["DASK_DASK_SHM__THRESHOLD"] = str(dask.config.get("dask-shm.threshold"))
     for key, value in conf.items():

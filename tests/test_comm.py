@@ -31,7 +31,7 @@ from dask_shm.descriptor import INLINE, encode
 from dask_shm.handshake import Handshake
 from dask_shm.names import PREFIX, Directory, current_owner, new_name
 
-from .conftest import SHM_DIR, OpenWatch, is_root, our_fds, ours, peer, until
+from .conftest import PATHS, SHM_DIR, OpenWatch, is_root, our_fds, ours, peer, took_path, until
 from .peers import payload
 
 MiB = 1 << 20
@@ -348,60 +348,32 @@ CHECKS = [
     check_abort_after_writes,
     check_a_stream_waits_for_small_writes_under_way,
 ]
-TRANSPORTS = [
-    pytest.param("tcp", {}, id="tcp"),
-    pytest.param("shm", {"dask-shm.threshold": "64 KiB"}, id="shm"),
-    pytest.param(
-        "shm",
-        {"dask-shm.threshold": "64 KiB", "dask-shm.buffer-size": "1 MiB",
-         "dask-shm.fragment-size": "256 KiB"},
-        id="shm-small-buffer",
-    ),
-]
+#: Shared memory for every message of 64 KiB or more: mid-sized messages take
+#: the path too.
+LOW = {"dask-shm.threshold": "64 KiB"}
 
 
-@pytest.mark.parametrize("scheme, conf", TRANSPORTS)
+@pytest.mark.parametrize("scheme, conf", PATHS)
 @pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__)
 def test_behaviour(scheme: str, conf: dict[str, str], check: Callable[[str], Awaitable[None]]) -> None:
-    with dask.config.set(conf):
+    with dask.config.set({**LOW, **conf}):
         run(asyncio.wait_for(check(scheme), 120))
-    counts = stats.snapshot()
-    if scheme == "shm":
-        assert counts.get("shm-messages", 0) > 0, counts
-        assert counts.get("handshake-shm", 0) >= 2, counts
-    else:
-        assert counts.get("shm-messages", 0) == 0, counts
+    took_path(scheme, conf)
 
 
-@pytest.mark.parametrize(
-    "scheme, conf",
-    [
-        pytest.param("tcp", {}, id="tcp"),
-        pytest.param("shm", {"dask-shm.single-copy": True}, id="shm-single-copy"),
-        pytest.param("shm", {}, id="shm"),
-        pytest.param("shm", {"dask-shm.buffer-size": "1 MiB", "dask-shm.fragment-size": "256 KiB"},
-                     id="shm-small-buffer"),
-    ],
-)
+@pytest.mark.parametrize("scheme, conf", PATHS)
 def test_writes_complete_before_the_peer_reads(scheme: str, conf: dict[str, str]) -> None:
     with dask.config.set(conf):
         run(check_writes_complete_before_the_peer_reads(scheme))
         run(check_both_ends_write_before_reading(scheme))
+    took_path(scheme, conf)
 
 
-@pytest.mark.parametrize(
-    "scheme, conf",
-    [
-        pytest.param("tcp", {}, id="tcp"),
-        pytest.param("shm", {"dask-shm.threshold": "64 KiB"}, id="shm"),
-        pytest.param("shm", {"dask-shm.threshold": "64 KiB", "dask-shm.buffer-size": "1 MiB",
-                             "dask-shm.fragment-size": "256 KiB"},
-                     id="shm-small-buffer"),
-    ],
-)
+@pytest.mark.parametrize("scheme, conf", PATHS)
 def test_concurrent_writers(scheme: str, conf: dict[str, str]) -> None:
-    with dask.config.set(conf):
+    with dask.config.set({**LOW, **conf}):
         run(asyncio.wait_for(check_concurrent_writers(scheme), 60))
+    took_path(scheme, conf)
 
 
 # -- the shared-memory specifics -------------------------------------------------
@@ -487,6 +459,7 @@ def test_one_buffer_per_process_serves_every_size(small_buffer: None) -> None:
     assert counts.get("fallback-busy", 0) == theirs.get("fallback-busy", 0) == 0
 
 
+@pytest.mark.buffer
 def test_a_frame_larger_than_the_buffer_streams_through_it(
     small_buffer: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -561,6 +534,7 @@ SMALL_BUFFER = {"dask-shm.threshold": "64 KiB", "dask-shm.buffer-size": "1 MiB",
 
 
 @pytest.mark.parametrize("scheme", ["tcp", "shm"])
+@pytest.mark.buffer
 def test_abort_while_streaming_to_a_peer_that_does_not_read(scheme: str) -> None:
     """A 40 MB message streams through a 1 MiB buffer to a live peer that
     does not read, and the writer aborts: the stream stops, close() returns
@@ -1099,6 +1073,7 @@ def test_a_planted_buffer_or_release_pipe_is_refused(
         assert outside.read_bytes() == b"o" * 4096
 
 
+@pytest.mark.buffer
 def test_a_buffer_announced_larger_than_it_is_is_refused_before_mapping() -> None:
     """Mapping past the end of a file raises SIGBUS at the first read: a peer
     that announces more than its file holds is refused with a clear error."""

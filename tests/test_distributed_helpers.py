@@ -68,7 +68,6 @@ async def test_gen_cluster_streams_frames_larger_than_the_buffer(c, s, a, b) -> 
     assert stats.snapshot()["shm-bytes"] >= 80 * MB
 
 
-@pytest.mark.single_copy
 @gen_cluster(client=True, scheduler="shm://127.0.0.1", allow_unclosed=False)
 async def test_gen_cluster_with_frames_read_in_place(c, s, a, b) -> None:  # type: ignore[no-untyped-def]
     """The default where the kernel permits it: frames read in place stay

@@ -21,7 +21,7 @@ from dask_shm import host as hosts
 
 from .conftest import until
 
-#: The two data paths of a linked comm (see conftest.through_the_buffer).
+#: The two data paths of a linked comm (see conftest.PATHS).
 PATHS = ["single copy", "buffer"]
 
 

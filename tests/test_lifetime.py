@@ -133,6 +133,7 @@ def test_a_process_sweeps_orphans_when_it_first_uses_the_directory() -> None:
     asyncio.run(main())
 
 
+@pytest.mark.buffer
 def test_a_message_nobody_reads_holds_its_regions_until_the_receiver_goes(shm_config: None) -> None:
     """Nothing is freed on a timer: the regions of a message the peer never
     read stay reserved while its comm lives, and are freed once the
@@ -229,6 +230,7 @@ async def _round_trip(comm: Comm, x: np.ndarray) -> None:
 
 
 @root_only
+@pytest.mark.buffer
 def test_full_directory_falls_back_to_tcp_and_warns_once(
     small_tmpfs: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -293,6 +295,7 @@ def _occupy(path: Path, nbytes: int) -> None:
 
 
 @root_only
+@pytest.mark.buffer
 def test_a_buffer_that_did_not_fit_is_filled_once_room_is_freed(
     small_tmpfs: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -352,7 +355,6 @@ def test_a_buffer_the_kernel_will_not_map_sends_over_tcp() -> None:
 
 
 @root_only
-@pytest.mark.single_copy
 def test_links_that_read_in_place_outlive_a_buffer_that_does_not_fit(small_tmpfs: Path) -> None:
     """A process with links that read in place, and one comm to a peer that
     cannot, whose buffer does not fit the directory: that comm sends over
@@ -428,6 +430,7 @@ def _last(x: np.ndarray) -> int:
 
 @root_only
 @pytest.mark.parametrize("buffer_size", ["24 MiB", "64 MiB"])
+@pytest.mark.buffer
 def test_full_directory_on_a_cluster_moves_400_mb_and_no_worker_dies(
     small_tmpfs: Path, buffer_size: str
 ) -> None:

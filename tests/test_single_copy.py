@@ -1,7 +1,6 @@
 """Single copy: where the kernel lets a receiver read its peer's memory
 (``process_vm_readv``), large frames are copied once, straight out of the
-sender's objects, and the shared buffer is never filled.  The rest of the
-suite pins ``single-copy: false``; these tests keep the default."""
+sender's objects, and the shared buffer is never filled."""
 
 from __future__ import annotations
 
@@ -26,7 +25,6 @@ from dask_shm.descriptor import encode
 
 from .conftest import ROOT, first_read_error, ours, peer, peer_env
 
-pytestmark = pytest.mark.single_copy
 
 SIZES = [2 * 10**6, 7 * 10**6 + 3, 64 * 10**6, 130 * 10**6]
 

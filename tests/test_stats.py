@@ -27,6 +27,7 @@ def metrics_of(host: str, port: int) -> dict[str, float]:
     return out
 
 
+@pytest.mark.buffer
 def test_counters_from_client_run_and_prometheus(shm_config: None) -> None:
     with LocalCluster(
         protocol="shm", n_workers=2, threads_per_worker=1, dashboard_address=":0"

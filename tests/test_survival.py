@@ -150,6 +150,7 @@ def dir_usage() -> tuple[int, int]:
 # 1. kill -9 during transfers
 
 
+@pytest.mark.buffer
 def test_a_receiver_killed_mid_copy_releases_the_senders_buffer() -> None:
     """A receiver process is killed (SIGKILL, from inside its copy of the
     5th region) while a 40 MB message streams to it through a 1 MiB buffer.
@@ -173,6 +174,7 @@ def test_a_receiver_killed_mid_copy_releases_the_senders_buffer() -> None:
     assert left == [], left
 
 
+@pytest.mark.buffer
 def test_a_sender_killed_mid_stream_is_a_clean_close_and_its_files_go() -> None:
     """A sender process is killed (SIGKILL, at its 5th copy into its buffer)
     while a 40 MB message streams: the receiver's read fails with a
@@ -474,6 +476,7 @@ def test_a_peer_killed_in_the_handshake_leaves_none_of_its_files() -> None:
     assert run(main()) == []
 
 
+@pytest.mark.buffer
 def test_a_handshake_cancelled_while_the_buffer_fills_leaves_nothing() -> None:
     """In a process of its own: a connect() cancelled while its handshake
     waits for the process's first buffer to be filled."""
@@ -696,6 +699,7 @@ RSS_TOLERANCE = 96 << 20
 
 
 @pytest.mark.slow
+@pytest.mark.buffer
 def test_ten_thousand_messages_over_one_comm_leave_nothing_behind(shm_config: None) -> None:
     """10,000 messages of mixed sizes (100 B to 16 MiB, mostly small) echoed
     over one shm:// comm: every one comes back intact and in order; the
@@ -889,6 +893,7 @@ SWAPS = [
 
 
 @pytest.mark.parametrize("kind, swap", SWAPS)
+@pytest.mark.buffer
 def test_a_file_swapped_after_the_handshake_named_it(
     kind: str, swap: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

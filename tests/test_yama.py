@@ -85,7 +85,6 @@ def test_the_real_call_is_the_kernels_to_refuse() -> None:
     assert err == 0 if has_yama else err != 0
 
 
-@pytest.mark.single_copy
 @pytest.mark.parametrize("enabled", [True, False])
 def test_a_handshake_declares_where_the_scope_is_one(
     tmp_path: Path, calls: list[str], monkeypatch: pytest.MonkeyPatch, enabled: bool
