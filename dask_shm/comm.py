@@ -20,6 +20,9 @@ setup.cfg):
   ``Serialized`` (``distributed.protocol.serialize``), ``safe_sizeof``
   (``distributed.sizeof``), ``offload``, ``nbytes`` and
   ``ensure_memoryview`` (``distributed.utils``);
+- here too: ``Worker.handle_comm``'s ``__self__`` and ``Worker.scheduler``
+  (to advertise the address a Worker advertises over ``tcp://``: see
+  ``_worker_default_host``);
 - :mod:`dask_shm.family`: ``distributed.protocol.pickle`` (``dumps`` and
   ``loads`` with out-of-band buffers);
 - :mod:`dask_shm.config`: ``distributed.protocol.serialize.families`` (the
@@ -35,19 +38,21 @@ import errno
 import functools
 import logging
 import pickle
+import sys
 import weakref
 from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
 import numpy as np
+from distributed.comm.addressing import get_address_host
 from distributed.comm.core import CommClosedError
 from distributed.comm.tcp import TCP, BaseTCPBackend, TCPConnector, TCPListener, _close_comm
 from distributed.comm.utils import OFFLOAD_THRESHOLD, from_frames, to_frames
 from distributed.protocol.serialize import Pickled, Serialize, Serialized, ToPickle
 from distributed.protocol.utils import host_array
 from distributed.sizeof import safe_sizeof
-from distributed.utils import ensure_memoryview, nbytes, offload
+from distributed.utils import ensure_memoryview, get_ip, nbytes, offload
 from tornado import gen
 from tornado.iostream import IOStream
 
@@ -743,9 +748,36 @@ class SHMListener(TCPListener):
     comm_class = SHM
     encrypted = False
 
+    def __init__(
+        self, address: str, comm_handler: Any, *args: Any, default_host: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if default_host is None:
+            default_host = _worker_default_host(comm_handler)
+        super().__init__(address, comm_handler, *args, default_host=default_host, **kwargs)
+
     async def start(self) -> None:
         settings()  # an invalid configuration fails here, at start-up
         await super().start()
+
+
+def _worker_default_host(comm_handler: Any) -> str | None:
+    """The host a Worker would advertise over ``tcp://``: the interface it
+    reaches its scheduler on.  distributed's Worker passes it to its
+    listener (``default_host``) only when its protocol is ``tcp`` or
+    ``tls``, so over ``shm://`` a Worker started without a Nanny or a
+    ``--host`` would advertise the default route's address instead, which
+    host restrictions never match and peers may not reach.  Its listener's
+    handler is the Worker's bound ``handle_comm``, whose ``scheduler``
+    names that address."""
+    worker_module = sys.modules.get("distributed.worker")
+    server = getattr(comm_handler, "__self__", None)
+    if worker_module is None or not isinstance(server, worker_module.Worker):
+        return None
+    try:
+        return get_ip(get_address_host(server.scheduler.address))
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 class SHMBackend(BaseTCPBackend):

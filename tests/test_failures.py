@@ -275,3 +275,22 @@ def test_a_read_from_a_pid_that_is_no_longer_the_peer_is_refused() -> None:
     gone = type(me)(int(proc.stdout), me.start, me.ns, me.boot)
     with pytest.raises(ProcessLookupError):
         read_frames(gone, [(x.ctypes.data, got)])
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "shm"])
+def test_a_worker_without_a_nanny_advertises_what_it_would_over_tcp(scheme: str) -> None:
+    """A Worker started without a Nanny or a host advertises the interface it
+    reaches its scheduler on (here loopback), not the default route's
+    address, as over tcp://; host restrictions then match it."""
+    from distributed import Scheduler, Worker
+    from distributed.utils import get_ip
+
+    async def main() -> str:
+        async with Scheduler(host="127.0.0.1", protocol=scheme, dashboard_address=":0") as s:
+            async with Worker(s.address) as w:
+                return str(w.address)
+
+    # Where loopback is the only interface, any address would pass.
+    assert get_ip() != "127.0.0.1", "this test needs a host with another interface"
+    address = run(main())
+    assert address.startswith(f"{scheme}://127.0.0.1:"), address
