@@ -97,8 +97,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from dask_shm.janitor import own
-from dask_shm.names import MODE, Directory, close_quietly, held, new_name
+from dask_shm.names import MODE, Directory, close_quietly, held, new_name, own
 
 __all__ = ["Buffer", "Outbox", "PIPE_REGIONS", "running_loop"]
 
@@ -298,12 +297,12 @@ class Buffer:
 
     async def wait(self, box: Outbox, seen: int) -> None:
         """Wait until regions of ``box`` are freed after ``seen`` (its
-        ``freed`` count when a :meth:`place` failed): by its receiver's
+        ``release_count`` when a :meth:`place` failed): by its receiver's
         release, which the event loop watching the pipe reads (see
         :meth:`attach`), or by any link's poll meanwhile.  Waiters share
         one future (a stream and a closing comm may wait together)."""
         with self._lock:
-            if box.freed != seen or box.closed:
+            if box.release_count != seen or box.closed:
                 return
             if box.loop is None:  # nothing would ever wake us
                 raise RuntimeError(f"no event loop watches the release pipe of {box}")
@@ -400,7 +399,7 @@ class Outbox:
         self.pinned: deque[list[memoryview]] = deque()
         #: Bumped whenever regions of this link are freed, by whichever
         #: link's :meth:`Buffer.place` polled them (see :meth:`Buffer.wait`).
-        self.freed = 0
+        self.release_count = 0
         self._waiter: asyncio.Future[None] | None = None
         #: Makes stopping the watch and closing ``fd`` happen once, whichever
         #: thread gets there first.
@@ -442,7 +441,7 @@ class Outbox:
                 if offset == PINNED:
                     self.pinned.popleft()
                 buffer._free(offset)
-        self.freed += 1
+        self.release_count += 1
         self._wake_waiter()
 
     def close(self) -> None:

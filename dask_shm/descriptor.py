@@ -19,18 +19,30 @@ Layout (version 2, little-endian)::
 
 An ``offset`` of ``INLINE`` means the fragment's bytes are the next inline
 frame, in order.  With ``flags & REMOTE`` (single copy, see
-:mod:`dask_shm.comm`), every ``offset`` is instead an address in the
+:mod:`dask_shm.single_copy`), every ``offset`` is instead an address in the
 sender's own memory, which the receiver reads with ``process_vm_readv``.
+The whole protocol is in docs/protocol.md.
+
+A descriptor travels in an :class:`Envelope` (a ``Pickled`` TCP message,
+its inline frames out of band); :class:`Cursor` walks a message's bytes
+across its frames, on both sides.
 """
 
 from __future__ import annotations
 
+import pickle
 import struct
 from collections.abc import Sequence
+from typing import Any
+
+from distributed.protocol.serialize import Pickled
+from distributed.utils import ensure_memoryview
 
 from dask_shm.errors import DescriptorError
 
-__all__ = ["encode", "decode", "INLINE", "MAGIC", "VERSION", "MAX_FRAMES", "REMOTE"]
+__all__ = [
+    "encode", "decode", "Envelope", "Cursor", "INLINE", "MAGIC", "VERSION", "MAX_FRAMES", "REMOTE",
+]
 
 MAGIC = b"DSHM"
 VERSION = 2
@@ -140,3 +152,51 @@ def decode(
     if inline_left:
         raise DescriptorError(f"{len(inline_left)} inline frame(s) not described")
     return lengths, fragments, remote
+
+
+class Envelope:
+    """A message sent our way: a descriptor (None: every frame is inline)
+    and the inline frames, which TCP sends out of band, without copying."""
+
+    __slots__ = ("descriptor", "frames")
+
+    def __init__(self, descriptor: bytes | None, *frames: Any) -> None:
+        self.descriptor = descriptor
+        self.frames = list(frames)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Envelope, (self.descriptor, *map(pickle.PickleBuffer, self.frames)))
+
+    def pickled(self) -> Pickled:
+        # A false callback result keeps each buffer out of band; the frames
+        # themselves are sent, so no PickleBuffer outlives this call (one
+        # held by an exception's traceback made CPython 3.11's collector
+        # crash on a memoryview that still had exports).
+        pik = pickle.dumps(self, protocol=5, buffer_callback=lambda b: False)
+        return Pickled({"pickled-obj": pik}, [ensure_memoryview(f) for f in self.frames])
+
+
+class Cursor:
+    """Consecutive byte ranges across a list of buffers: the sender's frames
+    (it takes pieces to copy in) or the receiver's (it fills them)."""
+
+    def __init__(self, buffers: list[Any]) -> None:
+        self.buffers = buffers
+        self.remaining = sum(b.nbytes for b in buffers)
+        self._i = 0
+        self._pos = 0
+
+    def take(self, n: int) -> list[Any]:
+        """The next ``n`` bytes, as slices of the buffers."""
+        out = []
+        self.remaining -= n
+        while n:
+            buf = self.buffers[self._i]
+            k = min(n, buf.nbytes - self._pos)
+            out.append(buf[self._pos : self._pos + k])
+            n -= k
+            self._pos += k
+            if self._pos == buf.nbytes:
+                self._i += 1
+                self._pos = 0
+        return out

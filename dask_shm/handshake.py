@@ -91,9 +91,9 @@ class Link:
         #: that reads in place they go to TCP uncounted).  Their
         #: serialization may yield (distributed offloads what is large or
         #: what it cannot size), so a stream starts only once they are in
-        #: the stream (``drained``).
-        self.direct = 0
-        self.drained: asyncio.Future[None] | None = None
+        #: the stream (``tcp_drained``).
+        self.tcp_writes = 0
+        self.tcp_drained: asyncio.Future[None] | None = None
         #: The comm's loop, which a finalizer hands the link's end to.
         self.loop = running_loop()
         #: Ends the link if its comm is dropped unclosed (see host.later).
@@ -109,22 +109,22 @@ class Link:
         if self.finalizer is not None:
             self.finalizer.detach()
 
-    async def read_in_place(self) -> None:
+    async def wait_until_released(self) -> None:
         """Wait until the peer has read what it reads in place from our
         memory (or hung up).  ``TCP.close`` returns once the kernel holds
         every byte written, so a process may exit right after it; frames
         read in place live in this process until released."""
         box, buffer = self.outbox, self.host.buffer
         while box is not None and buffer is not None and box.pinned and not box.closed:
-            await buffer.wait(box, box.freed)
+            await buffer.wait(box, box.release_count)
 
     def written_direct(self) -> None:
         """A write straight to TCP has ended: wake a stream waiting for it."""
-        self.direct -= 1
-        if not self.direct and self.drained is not None:
-            if not self.drained.done():
-                self.drained.set_result(None)
-            self.drained = None
+        self.tcp_writes -= 1
+        if not self.tcp_writes and self.tcp_drained is not None:
+            if not self.tcp_drained.done():
+                self.tcp_drained.set_result(None)
+            self.tcp_drained = None
 
     def close(self) -> None:
         """The comm has ended (idempotent)."""

@@ -15,11 +15,12 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from dask_shm import stats
 from dask_shm.buffers import Buffer, run_queued
 from dask_shm.errors import DescriptorError, ShmFull
 from dask_shm.inbox import Inbox, PeerBuffer
-from dask_shm.janitor import own, quiet_sweep
-from dask_shm.names import MODE, Directory, Owner, check_name, create_probe, new_name
+from dask_shm.janitor import quiet_sweep
+from dask_shm.names import MODE, Directory, Owner, check_name, create_probe, new_name, own
 
 __all__ = ["Host", "info", "later", "warn_once"]
 
@@ -146,8 +147,6 @@ class Host:
             except OSError as e:
                 # No room (ShmFull), or memory the kernel would not give (a
                 # memory cgroup, vm.max_map_count): TCP carries the message.
-                from dask_shm import stats
-
                 if isinstance(e, ShmFull):
                     warn_once(str(e.strerror))  # the file, the size, the free space, the remedy
                     stats.count("fallback-enospc")
@@ -256,3 +255,6 @@ def info() -> dict[str, int]:
         "buffer-in-flight": sum(b.in_use() for b in buffers),
         "peer-buffers": sum(len(h._peers) for h in hosts),
     }
+
+
+stats.add_gauges(info)

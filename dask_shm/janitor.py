@@ -2,8 +2,8 @@
 processes left behind.
 
 A process is responsible for every file whose name carries its identity
-(see :mod:`dask_shm.names`).  It removes them itself when it is done with
-them and, as a last resort, at exit (``atexit``, and multiprocessing's
+(see :mod:`dask_shm.names`, which records them).  It removes them itself
+when it is done with them and, as a last resort, at exit (``atexit``, and multiprocessing's
 finalizers for children that leave through ``os._exit``).  A ``kill -9``
 skips both; then the files stay until another process proves their owner
 dead and removes them: :func:`sweep` unlinks a file only when
@@ -27,52 +27,29 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from dask_shm.errors import DescriptorError
-from dask_shm.names import PREFIX, Directory, Owner, fmt_bytes, parse_name
+from dask_shm.names import (
+    PREFIX,
+    Directory,
+    Owner,
+    fmt_bytes,
+    parse_name,
+    take_owned,
+    used_directories,
+)
 
-__all__ = ["own", "forget", "owned_names", "FileInfo", "list_files", "sweep", "quiet_sweep"]
+__all__ = ["FileInfo", "list_files", "sweep", "quiet_sweep"]
 
 logger = logging.getLogger(__name__)
 
-#: Our files that this process must remove, by name.  Updated with single
-#: dict operations (atomic under the GIL) and no lock, so that a finalizer
-#: run by the garbage collector at any point may call :func:`forget`.
-_owned: dict[str, str] = {}
-#: Every directory this process has used: swept at exit.
-_directories: set[str] = set()
-_exit_registered = False
-
-
-def own(directory: Directory, name: str) -> None:
-    """Record that this process must remove ``name`` from ``directory``."""
-    global _exit_registered
-    _owned[name] = directory.path
-    _directories.add(directory.path)
-    if not _exit_registered:
-        _exit_registered = True
-        atexit.register(_cleanup_at_exit)
-        multiprocessing.util.Finalize(None, _cleanup_at_exit, exitpriority=100)
-
-
-def forget(name: str) -> None:
-    """``name`` is removed or no longer ours to remove."""
-    _owned.pop(name, None)
-
-
-def owned_names() -> list[str]:
-    """Names of the files this process is currently responsible for."""
-    return list(_owned)
-
-
 def _cleanup_at_exit() -> None:
-    for name, path in list(_owned.items()):
+    for name, path in take_owned():
         try:
             os.unlink(os.path.join(path, name))
         except OSError:
             pass
-    _owned.clear()
     # Also remove what dead processes left: a Nanny exits right after killing
     # a worker that was slow to close, and nothing else may run here again.
-    for path in list(_directories):
+    for path in used_directories():
         try:
             d = Directory(path)
         except OSError:
@@ -83,15 +60,11 @@ def _cleanup_at_exit() -> None:
             d.close()
 
 
-def _after_fork_in_child() -> None:
-    # The child is not responsible for its parent's files.
-    global _exit_registered
-    _owned.clear()
-    _directories.clear()
-    _exit_registered = False
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+# Registered once, at import: it does nothing in a process that never
+# created a file of ours.  multiprocessing's finalizers cover children that
+# leave through os._exit.
+atexit.register(_cleanup_at_exit)
+multiprocessing.util.Finalize(None, _cleanup_at_exit, exitpriority=100)
 
 
 @dataclass(frozen=True)

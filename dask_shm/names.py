@@ -49,6 +49,9 @@ __all__ = [
     "read_probe",
     "held",
     "close_quietly",
+    "own",
+    "forget",
+    "owned_names",
 ]
 
 logger = logging.getLogger(__name__)
@@ -267,6 +270,44 @@ def fmt_bytes(n: float) -> str:
     raise AssertionError
 
 
+#: Our files that this process must remove, by name (their directory's
+#: path): removed at exit by the janitor if still there.  Updated with
+#: single dict operations (atomic under the GIL) and no lock, so that a
+#: finalizer run by the garbage collector at any point may call
+#: :func:`forget`.
+_owned: dict[str, str] = {}
+#: Every directory this process has used: swept for orphans at exit.
+_directories: set[str] = set()
+
+
+def own(directory: Directory, name: str) -> None:
+    """Record that this process must remove ``name`` from ``directory``."""
+    _owned[name] = directory.path
+    _directories.add(directory.path)
+
+
+def forget(name: str) -> None:
+    """``name`` is removed or no longer ours to remove."""
+    _owned.pop(name, None)
+
+
+def owned_names() -> list[str]:
+    """Names of the files this process is currently responsible for."""
+    return list(_owned)
+
+
+def take_owned() -> list[tuple[str, str]]:
+    """(name, directory path) of every file this process must remove; the
+    record is emptied (for the exit handler)."""
+    out = list(_owned.items())
+    _owned.clear()
+    return out
+
+
+def used_directories() -> list[str]:
+    return list(_directories)
+
+
 #: Objects holding descriptors, mappings or duties of this process (see
 #: :func:`held`).
 _held: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -287,6 +328,9 @@ def _drop_in_child() -> None:
     for obj in list(_held):
         obj.drop_in_child()
     _held.clear()
+    # The child is not responsible for its parent's files.
+    _owned.clear()
+    _directories.clear()
 
 
 os.register_at_fork(after_in_child=_drop_in_child)
@@ -365,8 +409,6 @@ class Directory:
         than a file planted under one of our names (a directory) is removed
         if empty, else left with a warning: never an exception, so cleanup
         always gets through."""
-        from dask_shm.janitor import forget
-
         if self.fd < 0:  # closed, or inherited by a forked child: not ours to touch
             return False
         try:
@@ -394,8 +436,6 @@ def create_probe(directory: Directory) -> tuple[str, str]:
     ShmFull
         If the directory has no room even for the probe.
     """
-    from dask_shm.janitor import own
-
     name = new_name("p")
     token = secrets.token_hex(16)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -66,8 +66,9 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import Counter, deque
+from collections.abc import Callable
 
-__all__ = ["count", "Tally", "snapshot", "reset"]
+__all__ = ["count", "Tally", "snapshot", "reset", "add_gauges"]
 
 _counts: Counter[str] = Counter()
 _lock = threading.Lock()
@@ -112,17 +113,26 @@ class Tally:
             _dead.append((self.name, self.n))
 
 
+#: Functions returning gauges of this process's state (its shared memory:
+#: :func:`dask_shm.host.info` registers itself), added to every snapshot.
+_gauges: list[Callable[[], dict[str, int]]] = []
+
+
+def add_gauges(read: Callable[[], dict[str, int]]) -> None:
+    """Add the gauges ``read()`` returns to every :func:`snapshot`."""
+    _gauges.append(read)
+
+
 def snapshot() -> dict[str, int]:
     """All counters of this process, with its shared memory's current state."""
-    from dask_shm.host import info
-
     with _lock:
         _fold()
         totals = _counts.copy()
         for t in list(_tallies):
             totals[t.name] += t.n
     out = {k: v for k, v in totals.items() if v}
-    out.update(info())
+    for read in _gauges:
+        out.update(read())
     return out
 
 

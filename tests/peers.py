@@ -298,7 +298,7 @@ async def announce_size(args: list[str]) -> None:
 async def offload(args: list[str]) -> None:
     """Print whether this process offloads large copies, then round-trip a
     message larger than distributed's offload threshold within itself."""
-    from dask_shm.comm import _offloads
+    from dask_shm.estimate import offloads
 
     async def handler(comm: Comm) -> None:
         try:
@@ -313,7 +313,7 @@ async def offload(args: list[str]) -> None:
         await comm.write({"x": to_serialize(x)})
         ok = bool(((await comm.read())["x"] == x).all())
         await comm.close()
-    done(offloads=_offloads(True, 10**9), ok=ok)
+    done(offloads=offloads(True, 10**9), ok=ok)
 
 
 def mid_stream(args: list[str]) -> None:

@@ -24,9 +24,11 @@ from distributed.comm.registry import get_backend
 from distributed.comm.tcp import TCP
 from distributed.protocol import to_serialize
 
-import dask_shm.comm
+import dask_shm.receive
 from dask_shm import stats
-from dask_shm.comm import _SAMPLE, SHM, SHMBackend, _Envelope, _offloads, _reaches
+from dask_shm.comm import SHM, SHMBackend
+from dask_shm.descriptor import Envelope
+from dask_shm.estimate import SAMPLE, offloads, reaches
 from dask_shm.descriptor import INLINE, encode
 from dask_shm.handshake import Handshake
 from dask_shm.names import PREFIX, Directory, current_owner, new_name
@@ -467,13 +469,13 @@ def test_a_frame_larger_than_the_buffer_streams_through_it(
     through shared memory (none inline: the link is idle), in many
     descriptors."""
     descriptors = []
-    real = dask_shm.comm.decode
+    real = dask_shm.receive.decode
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         descriptors.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dask_shm.comm, "decode", counting)
+    monkeypatch.setattr(dask_shm.receive, "decode", counting)
     x = payload(20 * 10**6)
     [got] = run(one_way("shm", [{"x": to_serialize(x)}]))
     np.testing.assert_array_equal(got["x"], x)
@@ -791,8 +793,8 @@ def raw(*envelopes: tuple[bytes | None, list[Any]] | dict[str, Any]) -> Callable
 
     async def send(comm: Comm) -> None:
         for e in envelopes:
-            msg = e if isinstance(e, dict) else _Envelope(e[0], *e[1]).pickled()
-            await super(SHM, comm).write(msg)  # type: ignore[arg-type]
+            msg = e if isinstance(e, dict) else Envelope(e[0], *e[1]).pickled()
+            await TCP.write(comm, msg)  # type: ignore[arg-type]
 
     return send
 
@@ -1108,13 +1110,13 @@ def test_size_estimate_sends_what_may_be_large_through_shared_memory() -> None:
     from distributed.protocol.serialize import ToPickle
 
     big, small = np.ones(5 << 20, dtype="u1"), np.ones(1000, dtype="u1")
-    assert _reaches({"x": to_serialize(big)}, 4 << 20)
-    assert _reaches([{"a": [to_serialize(small)] * 10_000}], 4 << 20)  # many small ones add up
-    assert _reaches({"op": "update", "keys": [str(i) for i in range(10**6)]}, 4 << 20)
-    assert _reaches(Serialized({}, [memoryview(big)]), 4 << 20)
-    assert _reaches(ToPickle(big), 4 << 20)
-    assert not _reaches({"x": to_serialize(small), "op": "get_data", "n": 3}, 4 << 20)
-    assert not _reaches(b"ok", 4 << 20)
+    assert reaches({"x": to_serialize(big)}, 4 << 20)
+    assert reaches([{"a": [to_serialize(small)] * 10_000}], 4 << 20)  # many small ones add up
+    assert reaches({"op": "update", "keys": [str(i) for i in range(10**6)]}, 4 << 20)
+    assert reaches(Serialized({}, [memoryview(big)]), 4 << 20)
+    assert reaches(ToPickle(big), 4 << 20)
+    assert not reaches({"x": to_serialize(small), "op": "get_data", "n": 3}, 4 << 20)
+    assert not reaches(b"ok", 4 << 20)
 
 
 class _Sized:
@@ -1134,16 +1136,16 @@ def test_size_estimate_costs_a_bounded_number_of_looks() -> None:
 
     _Sized.calls = 0
     # A long list is sized from a sample, scaled: 10,000 x 1 MB
-    assert _reaches([to_serialize(_Sized()) for _ in range(10_000)], 4 << 20)
-    assert 0 < _Sized.calls <= 2 * _SAMPLE
+    assert reaches([to_serialize(_Sized()) for _ in range(10_000)], 4 << 20)
+    assert 0 < _Sized.calls <= 2 * SAMPLE
     # A batch of many small messages: small, from a sample too
     _Sized.calls = 0
-    assert not _reaches([{"op": "task-finished", "key": str(i), "nbytes": 8} for i in range(10**4)],
+    assert not reaches([{"op": "task-finished", "key": str(i), "nbytes": 8} for i in range(10**4)],
                         4 << 20)
     # distributed's task specs (ToPickle) are not sized; data (Serialize) is
-    assert not _reaches({"op": "compute-task", "run_spec": ToPickle(_Sized())}, 4 << 10)
+    assert not reaches({"op": "compute-task", "run_spec": ToPickle(_Sized())}, 4 << 10)
     assert _Sized.calls == 0
-    assert _reaches({"op": "get_data", "data": {"k": to_serialize(_Sized())}}, 4 << 10)
+    assert reaches({"op": "get_data", "data": {"k": to_serialize(_Sized())}}, 4 << 10)
 
 
 def test_offload_follows_distributed() -> None:
@@ -1153,9 +1155,9 @@ def test_offload_follows_distributed() -> None:
     from distributed.comm.utils import OFFLOAD_THRESHOLD
 
     assert OFFLOAD_THRESHOLD  # the default: 10 MiB
-    assert _offloads(False, 10**9) is False
-    assert _offloads(True, 10**9) is True
-    assert _offloads(True, OFFLOAD_THRESHOLD) is False
+    assert offloads(False, 10**9) is False
+    assert offloads(True, 10**9) is True
+    assert offloads(True, OFFLOAD_THRESHOLD) is False
 
 
 @pytest.mark.parametrize("offload", [None, "False"], ids=["default", "disabled"])

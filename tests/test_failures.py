@@ -16,7 +16,7 @@ from distributed.comm import connect, listen
 from distributed.comm.core import Comm, CommClosedError
 from distributed.protocol import to_serialize
 
-from dask_shm import comm as shm_comm
+from dask_shm import receive
 from dask_shm import host as hosts
 
 from .conftest import until
@@ -55,7 +55,7 @@ def test_a_read_that_fails_after_its_descriptor_aborts_the_comm_and_frees_the_me
     """As TCP.read: whatever fails once the message started arriving aborts
     the comm (the rest of that message would be misread as the next one),
     and the sender gets back what that message held, at once."""
-    monkeypatch.setattr(shm_comm, "host_array", failing_once(exc, shm_comm.host_array))
+    monkeypatch.setattr(receive, "host_array", failing_once(exc, receive.host_array))
     n = 50 * 10**6
 
     async def main() -> None:

@@ -26,7 +26,8 @@ import dask_shm.host
 from dask_shm import host as hosts, stats
 from dask_shm.buffers import Buffer
 from dask_shm.errors import ShmFull
-from dask_shm.janitor import list_files, owned_names, sweep
+from dask_shm.janitor import list_files, sweep
+from dask_shm.names import owned_names
 from dask_shm.names import Directory, create_probe, current_owner, new_name
 
 from .conftest import SHM_DIR, is_root, ours, peer, root_only, until, wait_for

@@ -17,10 +17,11 @@ import pytest
 from distributed import Client, LocalCluster
 from distributed.comm import connect, listen
 from distributed.comm.core import Comm, CommClosedError
+from distributed.comm.tcp import TCP
 from distributed.protocol import to_serialize
 
 from dask_shm import host as hosts, stats
-from dask_shm.comm import SHM, _Envelope
+from dask_shm.descriptor import Envelope
 from dask_shm.descriptor import encode
 
 from .conftest import ROOT, first_read_error, ours, peer, peer_env
@@ -180,7 +181,7 @@ def test_where_the_kernel_refuses_single_copy_the_buffer_carries_the_bytes(refus
 def test_an_address_the_sender_does_not_have_closes_the_comm() -> None:
     async def send(comm: Comm) -> None:
         descriptor = encode([1000], [(8, 1000)], remote=True)  # page 0: never mapped
-        await super(SHM, comm).write(_Envelope(descriptor).pickled())  # type: ignore[arg-type]
+        await TCP.write(comm, Envelope(descriptor).pickled())  # type: ignore[arg-type]
 
     err = run(first_read_error(send))
     assert isinstance(err, CommClosedError), repr(err)
@@ -191,7 +192,7 @@ def test_fragments_that_do_not_match_the_frames_close_the_comm() -> None:
     async def send(comm: Comm) -> None:
         x = np.ones(1000, dtype=np.uint8)
         descriptor = encode([1000], [(x.ctypes.data, 999)], remote=True)
-        await super(SHM, comm).write(_Envelope(descriptor).pickled())  # type: ignore[arg-type]
+        await TCP.write(comm, Envelope(descriptor).pickled())  # type: ignore[arg-type]
 
     err = run(first_read_error(send))
     assert "do not match the frames" in str(err) or "fragment" in str(err), str(err)
@@ -308,7 +309,7 @@ def test_an_offer_whose_pin_has_gone_hands_nothing_over() -> None:
                 del msg
                 readers[0].abort()
                 outbox = unread.link.outbox  # type: ignore[attr-defined]
-                await asyncio.wait_for(unread.link.read_in_place(), 10)  # type: ignore[attr-defined]
+                await asyncio.wait_for(unread.link.wait_until_released(), 10)  # type: ignore[attr-defined]
                 assert outbox.closed and not outbox.pinned
                 held = memoryview(a)  # now the only holder of that memory
                 del a
