@@ -25,13 +25,13 @@ from distributed.comm.core import CommClosedError
 from distributed.utils import offload
 
 from dask_shm import metrics, stats
-from dask_shm.buffers import Outbox, running_loop
+from dask_shm.outbox import Outbox, running_loop
 from dask_shm.config import Settings, settings
 from dask_shm.errors import DescriptorError, ShmFull
-from dask_shm.host import Host, later, warn_once
+from dask_shm.host import Host, later, read_probe, warn_once
 from dask_shm.inbox import Inbox
 from dask_shm.janitor import quiet_sweep
-from dask_shm.names import Directory, Owner, close_quietly, current_owner, held, read_probe
+from dask_shm.names import Directory, Owner, close_quietly, current_owner, held
 from dask_shm.single_copy import declare_readable, reads_token
 
 __all__ = ["PROTOCOL", "Link", "Handshake", "start"]

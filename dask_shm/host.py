@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import logging
 import os
+import re
+import secrets
+import stat
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -20,9 +24,9 @@ from dask_shm.buffers import Buffer, run_queued
 from dask_shm.errors import DescriptorError, ShmFull
 from dask_shm.inbox import Inbox, PeerBuffer
 from dask_shm.janitor import quiet_sweep
-from dask_shm.names import MODE, Directory, Owner, check_name, create_probe, new_name, own
+from dask_shm.names import MODE, Directory, Owner, check_name, new_name, own
 
-__all__ = ["Host", "info", "later", "warn_once"]
+__all__ = ["Host", "info", "later", "warn_once", "create_probe", "read_probe"]
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +220,54 @@ class Host:
 
 
 os.register_at_fork(after_in_child=Host.reset_after_fork)
+
+def create_probe(directory: Directory) -> tuple[str, str]:
+    """Create a handshake probe holding a random token; return (name, token).
+
+    Raises
+    ------
+    ShmFull
+        If the directory has no room even for the probe.
+    """
+    name = new_name("p")
+    token = secrets.token_hex(16)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(name, flags, MODE, dir_fd=directory.fd)
+    own(directory, name)
+    try:
+        os.write(fd, token.encode())
+    except BaseException as e:
+        directory.unlink(name)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise directory.full(e.errno, name, len(token)) from e
+        raise
+    finally:
+        os.close(fd)
+    return name, token
+
+
+def read_probe(directory: Directory, name: object, owner: Owner) -> str | None:
+    """The token in a peer's probe, or None if we cannot read it (with why
+    logged at debug level): then we do not share the directory with it."""
+    try:
+        name = check_name(name, owner, "p")
+        # O_NONBLOCK: a FIFO planted under the name must not block us.
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(name, flags, dir_fd=directory.fd)
+    except (OSError, DescriptorError) as e:
+        logger.debug("cannot read probe %r in %s: %s", name, directory.path, e)
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            logger.debug("probe %r is not a regular file of ours", name)
+            return None
+        data = os.read(fd, 64)
+    finally:
+        os.close(fd)
+    token = data.decode("ascii", "replace")
+    return token if re.fullmatch(r"[0-9a-f]{32}", token) else None
+
 
 def later(release: Callable[[], None], loop: asyncio.AbstractEventLoop | None) -> None:
     """Run ``release`` soon, from a finalizer: it takes locks, and the

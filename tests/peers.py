@@ -260,7 +260,8 @@ async def hold(args: list[str]) -> None:
     """Own a filled buffer and a probe in the directory, alive until stdin
     closes; print their names."""
     from dask_shm.config import settings
-    from dask_shm.names import Directory, create_probe
+    from dask_shm.host import create_probe
+    from dask_shm.names import Directory
 
     d = Directory(settings().directory)
     buffer = Buffer(d, 1 << 20)

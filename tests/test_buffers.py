@@ -20,11 +20,13 @@ from hypothesis import HealthCheck, given, settings
 from distributed.comm.core import CommClosedError
 from hypothesis import strategies as st
 
-from dask_shm.buffers import ALIGN, PIPE_REGIONS, Buffer, Outbox
+from dask_shm.buffers import ALIGN, Buffer
+from dask_shm.outbox import PIPE_REGIONS, Outbox
 from dask_shm.errors import DescriptorError
 from dask_shm.host import Host
 from dask_shm.inbox import Inbox, PeerBuffer
-from dask_shm.names import Directory, current_owner, new_name, read_probe
+from dask_shm.host import read_probe
+from dask_shm.names import Directory, current_owner, new_name
 
 from .conftest import SHM_DIR, is_root, ours, wait_for
 

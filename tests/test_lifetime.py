@@ -28,7 +28,8 @@ from dask_shm.buffers import Buffer
 from dask_shm.errors import ShmFull
 from dask_shm.janitor import list_files, sweep
 from dask_shm.names import owned_names
-from dask_shm.names import Directory, create_probe, current_owner, new_name
+from dask_shm.host import create_probe
+from dask_shm.names import Directory, current_owner, new_name
 
 from .conftest import SHM_DIR, is_root, ours, peer, root_only, until, wait_for
 from .peers import payload
@@ -40,7 +41,8 @@ CRASHER = textwrap.dedent(
     """
     import os, signal, sys
     from dask_shm.buffers import Buffer
-    from dask_shm.names import Directory, create_probe, new_name
+    from dask_shm.host import create_probe
+    from dask_shm.names import Directory, new_name
     d = Directory(sys.argv[1])
     b = Buffer(d, 1 << 20)
     b.fill()

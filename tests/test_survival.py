@@ -36,7 +36,8 @@ from dask_shm import stats
 from dask_shm.buffers import Buffer
 from dask_shm.comm import SHM
 from dask_shm.janitor import sweep
-from dask_shm.names import Directory, create_probe, current_owner, new_name, parse_name
+from dask_shm.host import create_probe
+from dask_shm.names import Directory, current_owner, new_name, parse_name
 
 from .conftest import (
     ROOT,
