@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     p = _parser()
     args = p.parse_args(argv)
     from dask_shm.bench import results
-    from dask_shm.bench.report import paths_table, tables
+    from dask_shm.bench.report import headline, paths_table
 
     if args.report:
         try:
@@ -246,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                 text = fill_readme(f.read(), saved)
             with open(args.readme, "w") as f:
                 f.write(text)
-        print(paths_table(saved) + "\n\n" + tables(saved))
-        print(f"\nwrote {os.path.join(out, 'benchmark.md')}" + _plots_written(images))
+        print(headline(saved) + "\n\n" + paths_table(saved))
+        print(f"\nThe full report: {os.path.join(out, 'benchmark.md')}" + _plots_written(images))
         return 0
 
     unknown = set(args.sections.split(",")) - set(SECTIONS)
@@ -261,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(out, exist_ok=True)
     results.save(os.path.join(out, "results.json"), measured)
     images = write(measured, out)
-    print(paths_table(measured) + "\n\n" + tables(measured))
-    print(f"\n{measured.notes['wall seconds']} s; wrote {out}/results.json, {out}/benchmark.md"
+    print(headline(measured) + "\n\n" + paths_table(measured))
+    print(f"\nThe full report (every table, the method): {out}/benchmark.md; "
+          f"{measured.notes['wall seconds']} s; wrote {out}/results.json"
           + _plots_written(images)
           + f"; regenerate the report with: dask shm bench --report {out}/results.json")
     return 0

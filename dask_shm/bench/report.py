@@ -19,7 +19,10 @@ from dask_shm.bench.paths import cluster_counters, describe, tcp_clusters
 from dask_shm.bench.results import Case, Run
 from dask_shm.bench.workloads import CONTROL, NO_TRANSFER
 
-__all__ = ["fmt_size", "tables", "paths_table", "benchmark_md", "readme_summary", "README_MARKERS"]
+__all__ = [
+    "fmt_size", "tables", "paths_table", "benchmark_md", "headline", "readme_summary",
+    "README_MARKERS",
+]
 
 MB = 10**6
 
@@ -409,27 +412,50 @@ def benchmark_md(run: Run, images: dict[str, str]) -> str:
 
 
 #: The README block :func:`readme_summary` fills (``--readme``).
-README_MARKERS = ("<!-- bench-tables -->", "<!-- /bench-tables -->")
+README_MARKERS = ("<!-- bench-summary -->", "<!-- /bench-summary -->")
+
+
+def _pair(c: Case | None) -> str:
+    if c is None:
+        return "-"
+    return f"{_x(c.ratio('tcp', 'shm'))} / {_x(c.ratio('shm', 'tcp', 'cpu'))}"
+
+
+def _noise(c: Case) -> str:
+    if not c.values(CONTROL):
+        return "-"
+    return f"{_x(c.ratio('tcp', CONTROL))} / {_x(c.ratio(CONTROL, 'tcp', 'cpu'))}"
+
+
+def headline(run: Run) -> str:
+    """The few lines a user reads first: each real workload's speed-up and
+    CPU on both paths, beside the noise (a second tcp:// cluster against the
+    first), and the large transfers of the mixed sequence."""
+    m = run.machine
+    machine = f"{m.get('cpu count', '?')} CPUs, {m.get('cpu model', 'unknown CPU')}"
+    buffered = {c.name: c for c in run.buffer_run.section("workloads")} if run.buffer_run else {}
+    rows = [[c.name, fmt_size(c.nbytes), _pair(c), _pair(buffered.get(c.name)), _noise(c)]
+            for c in run.section("workloads")]
+    head = ["workload", "data", "single copy: wall tcp/shm / worker CPU shm/tcp",
+            "buffer: the same", "noise: tcp against tcp again"]
+    out = [
+        f"One default run of `dask shm bench` ({machine}; "
+        f"{run.notes.get('wall seconds', '?')} s). Wall above 1 and CPU below 1 favour "
+        "shm://; read each ratio beside the noise column.",
+        "",
+        _table(head, rows),
+    ]
+    mixed = [c for c in run.section("mixed") if c.name != "memcpy" and c.values("shm")]
+    if mixed:
+        out += ["", "Transfers of " + fmt_size(mixed[0].nbytes) + " (single copy), tcp/shm: "
+                + ", ".join(f"{c.name} {_x(c.ratio('tcp', 'shm'))}" for c in mixed) + "."]
+    return "\n".join(out)
 
 
 def readme_summary(run: Run) -> str:
-    """The README's benchmark summary: the real workloads and the large
-    transfers of the mixed sequence, from ``run`` alone."""
-    m = run.machine
-    machine = f"{m.get('cpu count', '?')} CPUs, {m.get('cpu model', 'unknown CPU')}"
-    out = [
-        f"One default run ({machine}; {run.notes.get('wall seconds', '?')} s). "
-        "Wall tcp/shm above 1 and CPU or loopback shm/tcp below 1 favour shm://.",
-        "",
-        workloads_table(run.section("workloads")),
-        "",
-        mixed_table(run),
-    ]
-    if run.buffer_run is not None:  # older runs have none: their summary stays as it was
-        out += ["", "The same workloads through the buffer (`single-copy: false`, the path of "
-                "hosts that refuse single copy):", "",
-                workloads_table(run.buffer_run.section("workloads"))]
-    return "\n".join(out)
+    """The README's benchmark block, from ``run`` alone: the headline and
+    where the rest is."""
+    return headline(run) + "\n\nEvery table, the method and the plots: [docs/benchmark.md](docs/benchmark.md)."
 
 
 def fill_readme(text: str, run: Run) -> str:
