@@ -484,14 +484,29 @@ def become(uid: int | None, dumpable: bool | None) -> None:
     the interpreter's files need not be readable by ``uid``."""
     import ctypes
 
-    import distributed.protocol.numpy  # noqa: F401  (imported lazily otherwise)
-
     if uid is not None:
+        # What is imported lazily (tornado's loop glue, numpy's serializers)
+        # is imported now, by a round trip over tcp://: after the change of
+        # uid the interpreter's files may not be readable (a virtualenv in a
+        # private temporary directory, as .ci/run makes).
+        asyncio.run(_round_trip_over_tcp())
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
     if dumpable is not None:
         assert ctypes.CDLL(None).prctl(4, int(dumpable), 0, 0, 0) == 0  # PR_SET_DUMPABLE
+
+
+async def _round_trip_over_tcp() -> None:
+    async def echo(comm: Comm) -> None:
+        await comm.write(await comm.read())
+        await comm.close()
+
+    async with listen("tcp://127.0.0.1:0", echo) as listener:
+        comm = await connect(listener.contact_address)
+        await comm.write({"x": to_serialize(payload(10**6))})
+        await comm.read()
+        await comm.close()
 
 
 if __name__ == "__main__":
