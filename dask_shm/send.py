@@ -22,6 +22,7 @@ from distributed.comm.utils import to_frames
 from distributed.utils import ensure_memoryview, offload
 
 from dask_shm import family, handoff, stats
+from dask_shm.config import MIN_FRAGMENT_SIZE
 from dask_shm.descriptor import INLINE, Cursor, Envelope, encode
 from dask_shm.estimate import offloads, reaches
 from dask_shm.handshake import Handshake, Link
@@ -35,6 +36,9 @@ logger = logging.getLogger(__name__)
 #: not speed a transfer up (the receiver's copy is the slower side) and
 #: would take room that concurrent messages to other peers need.
 IN_FLIGHT = 2
+#: The first fragment of a message is fragment-size / GROWTH; each next one
+#: doubles, up to fragment-size (see Sender._stream).
+GROWTH = 8
 #: Frames are never split into shards on the shared-memory path: the
 #: fragments of the packed stream do that job.
 NO_SPLIT = 2**62
@@ -250,6 +254,10 @@ class Sender:
         source = Cursor(views)
         lengths: list[int] | None = [v.nbytes for v in views]
         placed = 0  # regions of this message, placed so far
+        # Fragments start small, so that the receiver starts copying out at
+        # once, and double up to fragment-size, so that a large message
+        # costs few descriptors (each one a TCP message and a release).
+        size = max(link.fragment_size // GROWTH, MIN_FRAGMENT_SIZE)
         while source.remaining:
             fragments: list[tuple[int, int]] = []
             inline: list[memoryview] = []
@@ -257,11 +265,12 @@ class Sender:
             # Regions are released in the order they were placed, so this
             # message's still in flight are the newest of the link's.
             while source.remaining and min(placed, len(outbox.inflight)) < IN_FLIGHT:
-                n = min(link.fragment_size, source.remaining)
+                n = min(size, source.remaining)
                 seen = outbox.release_count
                 offset = buffer.place(outbox, n)
                 if offset is None:
                     break
+                size = min(2 * size, link.fragment_size)
                 pieces = source.take(n)
                 if offloads(self.allow_offload, n):
                     # Shielded: if the stream is cancelled, the write still

@@ -38,7 +38,7 @@ def test_status_and_sweep_remove_orphans_only() -> None:
         assert [(f["kind"], f["alive"]) for f in by_pid[me]] == [("buffer", True)]
         assert status["directory"] == SHM_DIR
         assert status["free"] > 0 and status["total"] >= status["free"]
-        assert status["buffer-size"] == 64 << 20 and status["fragment-size"] == 2 << 20
+        assert status["buffer-size"] == 64 << 20 and status["fragment-size"] == 8 << 20
         assert status["huge-pages"]
 
         table = dask_shm("status")

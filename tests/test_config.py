@@ -33,7 +33,7 @@ DEFAULTS = Settings(
     directory="/dev/shm",
     threshold=4 * MiB,
     buffer_size=64 * MiB,
-    fragment_size=2 * MiB,
+    fragment_size=8 * MiB,
     single_copy=True,
     serializers=None,
 )
@@ -143,7 +143,7 @@ def test_zero_buffer_size_needs_no_fragment_size() -> None:
         ("enabled", "maybe", "true or false"),
         ("buffer-size", -1, "non-negative byte count"),
         ("buffer-size", "1 MiB", "0 (no shared memory for sending) or a byte count of at least "
-         "dask-shm.fragment-size (2.00 MiB)"),
+         "dask-shm.fragment-size (8.00 MiB)"),
         ("fragment-size", "32 KiB", "at least 65536 (64 KiB)"),
         ("no-such-key", 1, "no such key"),
     ],
