@@ -29,7 +29,7 @@ from typing import IO, Any
 import dask
 import pytest
 from distributed.comm import connect, listen
-from distributed.comm.core import Comm
+from distributed.comm.core import Comm, CommClosedError
 
 import dask_shm  # noqa: F401  (loads the configuration defaults)
 from dask_shm import stats
@@ -262,6 +262,18 @@ def dask_processes(env: dict[str, str]) -> Iterator[Start]:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+async def echo_server(comm: Comm) -> None:
+    """A listener's handler: send every message back until the peer goes."""
+    try:
+        while True:
+            msg = await comm.read()
+            await comm.write(msg)
+    except CommClosedError:
+        pass
+    finally:
+        await comm.close()
 
 
 async def first_read_error(

@@ -33,7 +33,7 @@ from dask_shm.descriptor import INLINE, encode
 from dask_shm.handshake import Handshake
 from dask_shm.names import PREFIX, Directory, current_owner, new_name
 
-from .conftest import PATHS, SHM_DIR, OpenWatch, is_root, our_fds, ours, peer, took_path, until
+from .conftest import PATHS, SHM_DIR, echo_server, OpenWatch, is_root, our_fds, ours, peer, took_path, until
 from .peers import payload
 
 MiB = 1 << 20
@@ -41,18 +41,6 @@ MiB = 1 << 20
 
 def run(coro: Awaitable[Any]) -> Any:
     return asyncio.run(coro)  # type: ignore[arg-type]
-
-
-async def echo_server(comm: Comm) -> None:
-    """Send every message back until the peer goes away."""
-    try:
-        while True:
-            msg = await comm.read()
-            await comm.write(msg)
-    except CommClosedError:
-        pass
-    finally:
-        await comm.close()
 
 
 async def with_echo(scheme: str, body: Callable[[Comm], Awaitable[None]], **kwargs: Any) -> None:

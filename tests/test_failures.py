@@ -19,7 +19,7 @@ from distributed.protocol import to_serialize
 from dask_shm import receive
 from dask_shm import host as hosts
 
-from .conftest import until
+from .conftest import echo_server, until
 
 #: The two data paths of a linked comm (see conftest.PATHS).
 PATHS = ["single copy", "buffer"]
@@ -185,7 +185,7 @@ def test_connections_that_say_nothing_cost_no_file_and_no_descriptor() -> None:
     from .conftest import our_fds, ours
 
     async def main() -> None:
-        async with listen("shm://127.0.0.1:0", _echo) as listener:
+        async with listen("shm://127.0.0.1:0", echo_server) as listener:
             host, port = listener.contact_address.removeprefix("shm://").rsplit(":", 1)
             # One proven comm first, so that the per-process files exist.
             comm = await connect(listener.contact_address)
@@ -222,7 +222,7 @@ def test_a_directory_that_is_not_memory_is_refused_with_one_warning(
     host_module._warned = False
 
     async def main() -> None:
-        async with listen("shm://127.0.0.1:0", _echo) as listener:
+        async with listen("shm://127.0.0.1:0", echo_server) as listener:
             for _ in range(3):
                 comm = await connect(listener.contact_address)
                 assert comm.link is None  # type: ignore[attr-defined]
@@ -238,14 +238,6 @@ def test_a_directory_that_is_not_memory_is_refused_with_one_warning(
     assert "not a memory filesystem" in warnings[0] and str(tmp_path) in warnings[0]
     assert stats.snapshot()["fallback-disabled"] > 0
     assert not list(tmp_path.iterdir())
-
-
-async def _echo(comm: Comm) -> None:
-    try:
-        while True:
-            await comm.write(await comm.read())
-    except CommClosedError:
-        pass
 
 
 def test_a_read_from_a_pid_that_is_no_longer_the_peer_is_refused() -> None:

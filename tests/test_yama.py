@@ -14,10 +14,11 @@ import dask
 import numpy as np
 import pytest
 from distributed.comm import connect, listen
-from distributed.comm.core import Comm, CommClosedError
 from distributed.protocol import to_serialize
 
 from dask_shm import single_copy
+
+from .conftest import echo_server
 
 
 @pytest.fixture
@@ -94,14 +95,7 @@ def test_a_handshake_declares_where_the_scope_is_one(
     monkeypatch.setattr(single_copy, "YAMA_SCOPE", scope_file(tmp_path, "1"))
 
     async def main() -> None:
-        async def echo(comm: Comm) -> None:
-            try:
-                while True:
-                    await comm.write(await comm.read())
-            except CommClosedError:
-                pass
-
-        async with listen("shm://127.0.0.1:0", echo) as listener:
+        async with listen("shm://127.0.0.1:0", echo_server) as listener:
             comm = await connect(listener.contact_address)
             try:
                 assert comm.link is not None  # type: ignore[attr-defined]
