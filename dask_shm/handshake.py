@@ -242,7 +242,12 @@ class Handshake:
             in_place = False
             if peer is not None and their_token is not None:
                 if host.buffer is not None:  # only now: the peer is proven
-                    self.pipe, self.pipe_fd = host.new_pipe()
+                    try:
+                        self.pipe, self.pipe_fd = host.new_pipe()
+                    except OSError as e:  # no inode left: we send it nothing through shm
+                        warn_once(f"cannot create a release pipe in {host.path} ({e}); "
+                                  "large messages to some peers go over TCP")
+                        stats.count("fallback-no-pipe")
                 if self.conf.single_copy:
                     refused = reads_token(peer, theirs.get("memory"), their_token)
                     if refused is not None:  # the buffer carries the peer's messages

@@ -35,6 +35,9 @@ them on Dask's Prometheus endpoints.  Names:
     Times it could not set its buffer up for another reason (the kernel
     refused the memory or the mapping): it then sends over TCP, without
     trying again until its ``shm://`` comms have all closed.
+``fallback-no-pipe``
+    Handshakes at which this process could not create a release pipe (no
+    inode left): it sends that peer nothing through shared memory.
 ``fallback-<reason>``
     Messages written on ``shm://`` comms that are plain TCP, by why:
     ``no-probe`` (the peer failed the handshake probe: another host, user or

@@ -298,6 +298,43 @@ def test_a_directory_without_inodes_falls_back_to_tcp_and_warns_once(
         assert not of_ours(mnt)
 
 
+@root_only
+def test_no_inode_for_a_release_pipe_is_tcp_for_that_link_and_warns_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Inodes enough for this process's probe and buffer, none for a release
+    pipe (made once a peer is proven): its comms are TCP, intact, with one
+    warning, and the handshake does not fail."""
+    x = np.arange(10**6)  # 8 MB
+    with tmpfs(tmp_path, "size=256m,nr_inodes=64") as mnt:
+        taken = []
+        while True:
+            try:
+                taken.append(mnt / f"someone-elses-{len(taken)}")
+                taken[-1].touch()
+            except OSError:
+                taken.pop()
+                break
+        for f in taken[-2:]:  # room for the probe and the buffer
+            f.unlink()
+
+        async def main() -> None:
+            async with listen("shm://127.0.0.1:0", echo_server) as listener:
+                for _ in range(3):
+                    comm = await connect(listener.contact_address)
+                    await _round_trip(comm, x)
+                    await comm.close()
+
+        with dask.config.set({"dask-shm.directory": str(mnt)}), \
+                caplog.at_level(logging.WARNING, logger="dask_shm"):
+            asyncio.run(main())
+        said = [r.getMessage() for r in caplog.records if r.name.startswith("dask_shm")]
+        assert len(said) == 1 and "release pipe" in said[0], said
+        assert stats.snapshot().get("shm-messages", 0) == 0
+        assert stats.snapshot()["fallback-no-pipe"] >= 1
+        assert not of_ours(mnt)
+
+
 def _occupy(path: Path, nbytes: int) -> None:
     """Another program's file, holding ``nbytes`` of the directory."""
     with open(path, "wb") as f:
