@@ -436,8 +436,8 @@ def headline(run: Run) -> str:
     buffered = {c.name: c for c in run.buffer_run.section("workloads")} if run.buffer_run else {}
     rows = [[c.name, fmt_size(c.nbytes), _pair(c), _pair(buffered.get(c.name)), _noise(c)]
             for c in run.section("workloads")]
-    head = ["workload", "data", "single copy: wall tcp/shm / worker CPU shm/tcp",
-            "buffer: the same", "noise: tcp against tcp again"]
+    head = ["workload", "data", "shm://: wall tcp/shm / worker CPU shm/tcp",
+            "shm:// through the buffer: the same", "noise: tcp against tcp again"]
     out = [
         f"One default run of `dask shm bench` ({machine}; "
         f"{run.notes.get('wall seconds', '?')} s). Wall above 1 and CPU below 1 favour "
