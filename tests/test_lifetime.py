@@ -282,20 +282,31 @@ def test_a_directory_without_inodes_falls_back_to_tcp_and_warns_once(
             except OSError:
                 break
 
-        async def main() -> None:
-            async with listen("shm://127.0.0.1:0", echo_server) as listener:
-                for _ in range(3):
-                    comm = await connect(listener.contact_address)
-                    assert comm.link is None  # type: ignore[attr-defined]
-                    await _round_trip(comm, x)
-                    await comm.close()
-
-        with dask.config.set({"dask-shm.directory": str(mnt)}), \
-                caplog.at_level(logging.WARNING, logger="dask_shm"):
-            asyncio.run(main())
-        said = [r.getMessage() for r in caplog.records if r.name.startswith("dask_shm")]
+        said = _three_comms_in(mnt, x, caplog, linked=False)
         assert len(said) == 1 and "inodes" in said[0], said
         assert not of_ours(mnt)
+
+
+def _three_comms_in(
+    mnt: Path, x: np.ndarray, caplog: pytest.LogCaptureFixture, linked: bool | None = None
+) -> list[str]:
+    """Round-trip ``x`` over three comms, one after the other, with
+    ``mnt`` as the directory (``linked``: whether each must have a link);
+    what dask_shm logged meanwhile."""
+
+    async def main() -> None:
+        async with listen("shm://127.0.0.1:0", echo_server) as listener:
+            for _ in range(3):
+                comm = await connect(listener.contact_address)
+                if linked is not None:
+                    assert (comm.link is not None) == linked  # type: ignore[attr-defined]
+                await _round_trip(comm, x)
+                await comm.close()
+
+    with dask.config.set({"dask-shm.directory": str(mnt)}), \
+            caplog.at_level(logging.WARNING, logger="dask_shm"):
+        asyncio.run(main())
+    return [r.getMessage() for r in caplog.records if r.name.startswith("dask_shm")]
 
 
 @root_only
@@ -318,17 +329,7 @@ def test_no_inode_for_a_release_pipe_is_tcp_for_that_link_and_warns_once(
         for f in taken[-2:]:  # room for the probe and the buffer
             f.unlink()
 
-        async def main() -> None:
-            async with listen("shm://127.0.0.1:0", echo_server) as listener:
-                for _ in range(3):
-                    comm = await connect(listener.contact_address)
-                    await _round_trip(comm, x)
-                    await comm.close()
-
-        with dask.config.set({"dask-shm.directory": str(mnt)}), \
-                caplog.at_level(logging.WARNING, logger="dask_shm"):
-            asyncio.run(main())
-        said = [r.getMessage() for r in caplog.records if r.name.startswith("dask_shm")]
+        said = _three_comms_in(mnt, x, caplog)
         assert len(said) == 1 and "release pipe" in said[0], said
         assert stats.snapshot().get("shm-messages", 0) == 0
         assert stats.snapshot()["fallback-no-pipe"] >= 1
