@@ -23,35 +23,46 @@ __all__ = ["PeerBuffer", "Inbox"]
 
 
 class PeerBuffer:
-    """A peer's buffer as a receiver sees it: opened by name once, mapped
-    read-only at its first use, shared by every link to that peer."""
+    """A peer's buffer as a receiver sees it: checked by name at the
+    handshake, mapped read-only at its first use, shared by every link to
+    that peer.  No descriptor is held in between: a link that reads in
+    place never maps it, and a process with many peers would otherwise hold
+    one descriptor per peer for nothing."""
 
     def __init__(self, directory: Directory, name: object, owner: Owner, size: object) -> None:
         self.name = check_name(name, owner, "b")
         if not isinstance(size, int) or isinstance(size, bool) or not 0 < size < 1 << 48:
             raise DescriptorError(f"buffer {self.name}: invalid size {size!r}")
         self.size = size
-        # O_NONBLOCK: a FIFO planted under the name must not block us.
-        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(self.name, flags, dir_fd=directory.fd)
-        problem = check_file(os.fstat(fd), "b")
-        if problem:
-            os.close(fd)
-            raise DescriptorError(f"refusing buffer {self.name}: {problem}")
-        self._fd = fd
+        self._directory = directory
+        fd = self._open()
+        st = os.fstat(fd)
+        os.close(fd)
+        #: The file checked at the handshake: the one mapped later, or none.
+        self._identity = (st.st_dev, st.st_ino)
+        self._closed = False
         self.view: np.ndarray | None = None
         self.users = 0
         #: map() runs in copying threads, close() on the loop: one at a time.
         self._lock = threading.Lock()
         held(self)
 
+    def _open(self) -> int:
+        """Open the file by name and check what was opened."""
+        # O_NONBLOCK: a FIFO planted under the name must not block us.
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.name, flags, dir_fd=self._directory.fd)
+        problem = check_file(os.fstat(fd), "b")
+        if problem:
+            os.close(fd)
+            raise DescriptorError(f"refusing buffer {self.name}: {problem}")
+        return fd
+
     def drop_in_child(self) -> None:
-        """In a forked child: unmap (with the view) and close."""
+        """In a forked child: unmap (with the view)."""
         self.view = None
+        self._closed = True
         self._lock = threading.Lock()  # perhaps held by a thread the child lacks
-        if self._fd >= 0:
-            close_quietly(self._fd)
-            self._fd = -1
 
     def map(self) -> np.ndarray:
         """The buffer's bytes, mapped at the first call.
@@ -59,8 +70,9 @@ class PeerBuffer:
         Raises
         ------
         DescriptorError
-            If the file is smaller than the size its owner announced (a
-            mapping past its end would raise SIGBUS on the first read).
+            If the file is not the one checked at the handshake, or is
+            smaller than the size its owner announced (a mapping past its
+            end would raise SIGBUS on the first read).
         """
         view = self.view
         if view is not None:
@@ -68,26 +80,33 @@ class PeerBuffer:
         with self._lock:
             if self.view is not None:
                 return self.view
-            if self._fd < 0:
+            if self._closed:
                 raise DescriptorError(f"buffer {self.name}: closed (its link has ended)")
-            st = os.fstat(self._fd)
-            if st.st_size < self.size:
-                raise DescriptorError(
-                    f"buffer {self.name} holds {st.st_size} bytes, "
-                    f"not the {self.size} its owner announced"
-                )
-            mapping = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            try:
+                fd = self._open()
+            except OSError as e:
+                raise DescriptorError(f"cannot open buffer {self.name} again: {e}") from e
+            try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != self._identity:
+                    raise DescriptorError(
+                        f"buffer {self.name} is not the file checked at the handshake"
+                    )
+                if st.st_size < self.size:
+                    raise DescriptorError(
+                        f"buffer {self.name} holds {st.st_size} bytes, "
+                        f"not the {self.size} its owner announced"
+                    )
+                mapping = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)  # the mmap object keeps a descriptor of its own
             view = self.view = np.frombuffer(mapping, dtype=np.uint8)
-            os.close(self._fd)  # the mmap object keeps a descriptor of its own
-            self._fd = -1
         return view
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self.view = None  # unmapped once no copy uses it
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
 
 
 class Inbox:

@@ -286,3 +286,25 @@ def test_a_worker_without_a_nanny_advertises_what_it_would_over_tcp(scheme: str)
     assert get_ip() != "127.0.0.1", "this test needs a host with another interface"
     address = run(main())
     assert address.startswith(f"{scheme}://127.0.0.1:"), address
+
+
+def test_a_single_copy_link_holds_no_descriptor_on_its_peers_buffer() -> None:
+    """The peer's buffer is checked at the handshake and opened again only
+    to be mapped, at its first use: a link that reads in place never holds
+    a descriptor on it (a scheduler with many workers counts them)."""
+    from .conftest import our_fds
+
+    async def main() -> None:
+        async with listen("shm://127.0.0.1:0", echo_server) as listener:
+            comm = await connect(listener.contact_address)
+            assert comm.link is not None and comm.link.single_copy  # type: ignore[attr-defined]
+            x = np.arange(10**6)
+            await comm.write({"x": to_serialize(x)})
+            assert np.array_equal((await comm.read())["x"], x)
+            # In one process the peer's buffer is our own, whose file this
+            # process keeps open until it fills it: that one descriptor only.
+            assert len([f for f in our_fds() if "-b-" in f]) == 1, our_fds()
+            await comm.close()
+
+    with dask.config.set({"dask-shm.single-copy": True}):
+        run(main())
