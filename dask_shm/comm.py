@@ -91,6 +91,11 @@ class SHM(Sender, Receiver, TCP):
     and every message of a comm whose handshake failed, are plain TCP.
     """
 
+    #: TCP's own write and read, which the Sender and Receiver mixins call
+    #: for what goes over the socket as it is.
+    _tcp_write = TCP.write
+    _tcp_read = TCP.read
+
     def __init__(self, stream: IOStream, *args: Any, **kwargs: Any) -> None:
         super().__init__(stream, *args, **kwargs)
         self._handshake: handshake.Handshake | None = None
@@ -219,12 +224,19 @@ class SHMListener(TCPListener):
     encrypted = False
 
     def __init__(
-        self, address: str, comm_handler: Any, *args: Any, default_host: str | None = None,
+        self,
+        address: str,
+        comm_handler: Any,
+        deserialize: bool = True,
+        allow_offload: bool = True,
+        default_host: str | None = None,
         **kwargs: Any,
     ) -> None:
         if default_host is None:
             default_host = _worker_default_host(comm_handler)
-        super().__init__(address, comm_handler, *args, default_host=default_host, **kwargs)
+        super().__init__(
+            address, comm_handler, deserialize, allow_offload, default_host, **kwargs
+        )
 
     async def start(self) -> None:
         settings()  # an invalid configuration fails here, at start-up

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from distributed.comm.core import CommClosedError
-from distributed.comm.tcp import TCP
 from distributed.comm.utils import from_frames
 from distributed.protocol.utils import host_array
 from distributed.utils import nbytes, offload
@@ -40,6 +39,7 @@ class Receiver:
     allow_offload: bool
 
     if TYPE_CHECKING:  # provided by the comm (SHM, and TCP under it)
+        def _tcp_read(self, deserializers: Any = None) -> Coroutine[Any, Any, Any]: ...
         def closed(self) -> bool: ...
         def abort(self) -> None: ...
         def _release(self) -> None: ...
@@ -50,13 +50,13 @@ class Receiver:
         if self._handshake is not None:
             return self._read_handshake(deserializers)
         if self._link is None:
-            return TCP.read(self, deserializers)
+            return self._tcp_read(deserializers)
         return self._read_link(self._link, deserializers)
 
     async def _read_handshake(self, deserializers: Any) -> Any:
         """The peer's handshake message, then our side of the probe exchange."""
         try:
-            msg = await TCP.read(self, deserializers)
+            msg = await self._tcp_read(deserializers)
         except BaseException:
             self._drop_handshake()
             raise
@@ -73,7 +73,7 @@ class Receiver:
                 self._release()
 
     async def _read_message(self, link: Link, deserializers: Any) -> Any:
-        msg = await TCP.read(self, deserializers)
+        msg = await self._tcp_read(deserializers)
         if type(msg) is not Envelope:
             return msg
         try:
@@ -104,7 +104,7 @@ class Receiver:
         # Any other error (an object that cannot be rebuilt) leaves the comm
         # as TCP.read leaves it: the whole message was read.
 
-    async def _receive(self, link: Link, envelope: Envelope) -> list[memoryview]:
+    async def _receive(self, link: Link, envelope: Envelope) -> list[Any]:
         """Copy a message's fragments out of the peer's buffer into frames
         allocated as ``TCP.read`` allocates them, releasing each region."""
         inbox = link.inbox
@@ -144,7 +144,7 @@ class Receiver:
                     inbox.copy(offset, n, into)
             if not sink.remaining:
                 return frames
-            envelope = await TCP.read(self, )
+            envelope = await self._tcp_read()
             if type(envelope) is not Envelope or envelope.descriptor is None:
                 raise DescriptorError("expected the rest of a message, got another message")
             _, fragments, remote = decode(

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from distributed.comm.core import CommClosedError
-from distributed.comm.tcp import TCP
 from distributed.comm.utils import to_frames
 from distributed.utils import ensure_memoryview, offload
 
@@ -58,6 +57,9 @@ class Sender:
     handshake_options: dict[str, Any]
 
     if TYPE_CHECKING:  # provided by the comm (SHM, and TCP under it)
+        def _tcp_write(
+            self, msg: Any, serializers: Any = None, on_error: str = "message"
+        ) -> Coroutine[Any, Any, int]: ...
         def closed(self) -> bool: ...
         def abort(self) -> None: ...
         def _release(self) -> None: ...
@@ -76,7 +78,7 @@ class Sender:
                 return self._write_handshake(msg, serializers, on_error)
             if self._plain is not None:
                 self._plain.n += 1
-            return TCP.write(self, msg, serializers, on_error)
+            return self._tcp_write(msg, serializers, on_error)
         if serializers is None:
             serializers = link.serializers
         if (serializers is not None and family.NAME in serializers) or reaches(
@@ -88,7 +90,7 @@ class Sender:
             # Such a link never streams (nothing to queue behind): TCP's own
             # write, without a coroutine of ours around it (~1% of a small
             # message's round trip).
-            return TCP.write(self, msg, serializers, on_error)
+            return self._tcp_write(msg, serializers, on_error)
         return self._write_small(link, msg, serializers, on_error)
 
     async def _write_small(self, link: Link, msg: Any, serializers: Any, on_error: str) -> int:
@@ -100,12 +102,12 @@ class Sender:
             return await self._write_link(link, msg, serializers, on_error, small=True)
         link.tcp_writes += 1  # as in _direct, without a coroutine more per message
         try:
-            return await TCP.write(self, msg, serializers, on_error)
+            return await self._tcp_write(msg, serializers, on_error)
         finally:
             link.written_direct()
 
     @staticmethod
-    async def _direct(link: Link, write: Coroutine[Any, Any, int]) -> int:
+    async def _direct(link: Link, write: Coroutine[Any, Any, Any]) -> Any:
         """Await a write straight to TCP.  Its serialization may yield
         (distributed offloads what is large or what it cannot size), so a
         stream starts only once every such write is in the TCP stream: no
@@ -118,7 +120,7 @@ class Sender:
 
     async def _write_handshake(self, msg: Any, serializers: Any, on_error: str) -> int:
         try:
-            return await TCP.write(self, msg, serializers, on_error)
+            return await self._tcp_write(msg, serializers, on_error)
         except BaseException:
             self._drop_handshake()
             raise
@@ -210,7 +212,7 @@ class Sender:
 
     async def _write_plain(self, views: list[memoryview]) -> None:
         """Send serialized frames as they are, over TCP."""
-        await TCP.write(self, Envelope(None, *views).pickled(), on_error="raise")
+        await self._tcp_write(Envelope(None, *views).pickled(), on_error="raise")
 
     async def _fall_back(self, views: list[memoryview]) -> None:
         """Send over TCP, counted so, a message meant for shared memory."""
@@ -240,7 +242,7 @@ class Sender:
             (np.frombuffer(v, dtype=np.uint8).ctypes.data, v.nbytes) for v in views if v.nbytes
         ]
         descriptor = encode([v.nbytes for v in views], fragments, remote=True)
-        await TCP.write(self, Envelope(descriptor).pickled(), on_error="raise")
+        await self._tcp_write(Envelope(descriptor).pickled(), on_error="raise")
         stats.count("shm-messages")
         stats.count("shm-bytes", sum(n for _, n in fragments))
         stats.count("single-copy-messages")
@@ -295,7 +297,7 @@ class Sender:
                     inline.append(piece)
                 stats.count("fallback-busy")
             envelope = Envelope(encode(lengths, fragments), *inline)
-            await TCP.write(self, envelope.pickled(), on_error="raise")
+            await self._tcp_write(envelope.pickled(), on_error="raise")
             lengths = None
 
 
