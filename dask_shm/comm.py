@@ -166,6 +166,11 @@ class SHM(Sender, Receiver, TCP):
 
     def _release(self) -> None:
         self._drop_handshake()
+        self._end_link()
+
+    def _end_link(self) -> None:
+        """End the link, if there is one (idempotent); a handshake under way
+        is left to its own error path, which sweeps what a killed peer left."""
         link = self._link
         if link is not None:
             if link.pump is not None and link.pump is not _current_task():
@@ -196,13 +201,11 @@ def _stream_closed(ref: weakref.ref[SHM]) -> None:
     """The comm's stream has closed: mark the comm closed, as TCP does, and
     end its link, unless a read is under way: a message the peer described
     before hanging up is still read (tornado hands out what it buffered),
-    and the read ends the link when it ends.  A handshake under way ends
-    through the error its own read or write gets (which sweeps what a
-    killed peer left)."""
+    and the read ends the link when it ends."""
     _close_comm(ref)
     comm = ref()
-    if comm is not None and not comm._reading and comm._handshake is None:
-        comm._release()
+    if comm is not None and not comm._reading:
+        comm._end_link()
 
 
 def _current_task() -> asyncio.Task[Any] | None:
