@@ -1,9 +1,10 @@
 """Shared buffers and their lifetime.
 
-This module is the sending side (:class:`Buffer`, :class:`Outbox`); the
-receiving side is :mod:`dask_shm.inbox`, and a process's bookkeeping (who
-uses its shared memory, and when it goes) is :mod:`dask_shm.host`.  The
-lifetime below is that of all three.
+This module is the buffer; what receivers have not released yet is
+:mod:`dask_shm.outbox`, the release channel :mod:`dask_shm.release`, the
+receiving side :mod:`dask_shm.inbox`, and a process's bookkeeping (who
+uses its shared memory, and when it goes) :mod:`dask_shm.host`.  The
+lifetime below is that of all of them.
 
 Who creates memory
     Each process with at least one ``shm://`` comm to a proven peer owns one
@@ -23,7 +24,8 @@ Single copy, when the kernel permits it
     tested at the handshake) copies large frames straight out of the
     sender's own objects instead, and the buffer is never filled.  The
     sender keeps those frames unchanged until the receiver releases them
-    through the same release pipe; nothing of them lives in shared memory.
+    through the link's release channel; nothing of them lives in shared
+    memory, and a process needs no buffer for it (``buffer-size: 0``).
 
 Who may write and read it
     Only the owner writes into its buffer.  To send, it allocates a region,
@@ -34,32 +36,33 @@ Who may write and read it
     (``numpy.empty``, as distributed's TCP read does) and releases it.
 
 When it is released
-    Every direction of a link has a *release pipe*: a FIFO the sender creates
-    during the handshake, the receiver opens for writing, and the sender
-    unlinks as soon as both ends are open (so nothing named is left).  The
-    receiver writes one byte per region once it has copied it out; the
-    sender's event loop watches the pipe and frees those regions, in the
-    order it sent them, as the bytes arrive.  When the receiver's end closes
-    (its comm closed with no copy in flight, or its process died) the sender
-    reads end-of-file and frees all that link held.  Nothing is freed on a
+    Every link has a *release channel*: a Unix stream socket between its
+    two ends, in the abstract namespace (no file), set up during the
+    handshake.  A receiver writes one byte per region once it has copied it
+    out; the sender's event loop watches the socket and frees those
+    regions, in the order it sent them, as the bytes arrive.  When the
+    receiver is done (its comm closed with no copy in flight: it shuts its
+    direction down; or its process died) the sender reads end-of-file and
+    frees all that link held; a forked child's copy of the socket does not
+    delay that.  Nothing is freed on a
     timer.  A comm that closes keeps its link's regions and frames read in
-    place, and its pipe watched, until its receiver releases them or hangs
+    place, and its channel watched, until its receiver releases them or hangs
     up: a message written just before a close is still delivered.  The
     buffer itself is unmapped and unlinked once the last ``shm://`` comm of
     the process has closed and been released so, and at exit; a receiver
     still copying from it keeps its pages through its own mapping.
 
 What a crash leaves behind
-    - ``kill -9`` of a sender: its buffer file, and a probe or release pipe if
-      it was in a handshake, all named with its identity.  The janitor
+    - ``kill -9`` of a sender: its buffer file and its probe, both named
+      with its identity.  The janitor
       (:mod:`dask_shm.janitor`) removes them once it can prove the process
       dead: when a peer's link to it ends, when a handshake with it breaks
       off, or when any process opens the directory; a receiver's mapping
       keeps the pages it may still be reading.
     - ``kill -9`` of a receiver: nothing named.  The kernel closes its end of
-      the release pipes, and each sender frees that link's regions.
+      the release channels, and each sender frees that link's regions.
     - A comm closed or aborted in the middle of a message: the receiver
-      closes its end of the release pipe only once a copy under way has
+      ends its direction of the release channel only once a copy under way has
       finished, so the sender never overwrites a region still being read.
 
 Working set
@@ -70,14 +73,14 @@ Working set
 
 Notes
 -----
-**Memory ordering.**  The release pipe orders a receiver's reads before the
-sender's next writes on every architecture Linux runs on, x86-64 (TSO) and
-aarch64 (weakly ordered) alike, with no barrier instruction needed in
-Python: the receiver finishes its copy before it calls write(2) on the
-pipe; the kernel queues the byte under the pipe's mutex, whose release
-orders all the calling CPU's earlier loads and stores before it; the
-sender's read(2) acquires the same mutex before it returns the byte, and the
-sender writes into the region only after that.  The other direction is the
+**Memory ordering.**  The release channel orders a receiver's reads before
+the sender's next writes on every architecture Linux runs on, x86-64 (TSO)
+and aarch64 (weakly ordered) alike, with no barrier instruction needed in
+Python: the receiver finishes its copy before it calls send(2) on the
+socket; the kernel queues the byte under the receiving queue's lock, whose
+release orders all the calling CPU's earlier loads and stores before it;
+the sender's recv(2) acquires the same lock before it returns the byte, and
+the sender writes into the region only after that.  The other direction is the
 same argument through the TCP socket's lock: the receiver learns of a
 region only from a descriptor sent after the sender's copy.
 """
@@ -85,22 +88,22 @@ region only from a descriptor sent after the sender's copy.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
+import ctypes
 import errno
 import logging
 import mmap
 import os
-import threading
-from collections import deque
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Sequence
 
 import numpy as np
 
 from dask_shm.names import MODE, Directory, close_quietly, held, new_name, own
-from dask_shm.outbox import PINNED, PIPE_REGIONS, Outbox, running_loop
+from dask_shm.outbox import PINNED, Outbox, Outboxes
+from dask_shm.release import WINDOW
 
-__all__ = ["Buffer", "ALIGN", "run_queued"]
+__all__ = ["Buffer", "ALIGN", "map_shared"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,14 +117,49 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def map_shared(fd: int, size: int, *, writable: bool) -> np.ndarray:
+    """The first ``size`` bytes of ``fd``, mapped shared, as a byte array
+    (read-only unless ``writable``), unmapped once its last view is gone.
+    Unlike :class:`mmap.mmap`, which keeps a duplicate descriptor for as
+    long as it lives, the mapping holds no descriptor: a process with many
+    peers would otherwise hold one per peer for nothing.
+
+    Raises
+    ------
+    OSError
+        If the kernel refuses the mapping.
+    """
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    address = _libc.mmap(None, size, prot, mmap.MAP_SHARED, fd, 0)
+    if address in (None, _MAP_FAILED):
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    raw = (ctypes.c_char * size).from_address(address)
+    weakref.finalize(raw, _libc.munmap, address, size)
+    view = np.frombuffer(memoryview(raw), dtype=np.uint8)  # keeps ``raw`` alive
+    if not writable:
+        view.flags.writeable = False
+    return view
+
+
 class Buffer:
     """This process's shared buffer, and the regions in flight in it.
 
-    All methods may be called from any thread; one lock guards the
-    allocator.  Never called from a finalizer.
+    All methods may be called from any thread; the lock of the host's
+    :class:`Outboxes` guards the allocator (a region is freed while an
+    outbox is polled).  Never called from a finalizer.
     """
 
-    def __init__(self, directory: Directory, size: int) -> None:
+    def __init__(self, directory: Directory, size: int, outboxes: Outboxes | None = None) -> None:
         self.directory = directory
         self.size = size
         self.name = new_name("b")
@@ -130,31 +168,26 @@ class Buffer:
         own(directory, self.name)
         #: The mapping as bytes, once :meth:`fill` has run.
         self.view: np.ndarray | None = None
-        self._lock = threading.Lock()
+        self._outboxes = outboxes = outboxes if outboxes is not None else Outboxes()
+        self._lock = outboxes.lock
+        outboxes.free = self._free
         self._used: list[tuple[int, int]] = []  # (offset, end), sorted
         #: Regions :meth:`place` gave whose :meth:`write` has not ended, and
         #: whether they were freed meanwhile (their receiver hung up): then
         #: freed when the write ends, never under it.
         self._writing: dict[int, bool] = {}
-        self._outboxes: set[Outbox] = set()
-        #: What closed outboxes leave to run once the lock is released (see
-        #: :meth:`retire`); appended to under the lock.
-        self._closed_jobs: deque[Callable[[], None]] = deque()
         held(self)
 
     def __repr__(self) -> str:
         return f"<Buffer {self.name} {self.size} bytes>"
 
     def drop_in_child(self) -> None:
-        """In a forked child (see :func:`dask_shm.names.held`): unmap (the
-        mmap object goes with its last view, closing its own descriptor)."""
+        """In a forked child (see :func:`dask_shm.names.held`): unmap (with
+        the last view)."""
         if self._fd >= 0:
             close_quietly(self._fd)
             self._fd = -1
         self.view = None
-        self._outboxes = set()
-        self._closed_jobs.clear()
-        self._lock = threading.Lock()  # perhaps held by a thread the child lacks
 
     def fill(self) -> None:
         """Reserve, map and fault in every page (blocking: ~0.6 ms per MiB
@@ -173,20 +206,17 @@ class Buffer:
             raise self.directory.full(errno.ENOSPC, self.name, self.size)
         try:
             os.posix_fallocate(self._fd, 0, self.size)
-            mapping = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED)
+            view = map_shared(self._fd, self.size, writable=True)
         except OSError as e:
             os.ftruncate(self._fd, 0)  # give back what was reserved
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise self.directory.full(e.errno, self.name, self.size) from e
             raise
-        try:
-            mapping.madvise(_MADV_POPULATE_WRITE, 0, self.size)
-        except OSError:
-            np.frombuffer(mapping, dtype=np.uint8)[::_PAGE] = 0
-        # The mmap object keeps a descriptor of its own.
-        os.close(self._fd)
+        if _libc.madvise(view.ctypes.data, self.size, _MADV_POPULATE_WRITE) != 0:
+            view[::_PAGE] = 0  # an older kernel: touch each page
+        os.close(self._fd)  # the mapping needs no descriptor
         self._fd = -1
-        self.view = np.frombuffer(mapping, dtype=np.uint8)
+        self.view = view
 
     def write(self, offset: int, pieces: Sequence[memoryview]) -> None:
         """Copy ``pieces`` (byte views) one after the other into the region
@@ -212,13 +242,8 @@ class Buffer:
                 self._free(offset)
 
     def destroy(self) -> None:
-        """Unlink the file and close every link's release pipe.  The mapping
-        goes when its last view (a copy under way) is dropped."""
-        with self._lock:  # a loop may be polling one of them meanwhile
-            outboxes, self._outboxes = self._outboxes, set()
-            for box in outboxes:
-                box.close()
-            self._closed_jobs.clear()  # the host they held is being closed
+        """Unlink the file (the host closed every outbox first).  The
+        mapping goes when its last view (a copy under way) is dropped."""
         self.directory.unlink(self.name)
         if self._fd >= 0:
             os.close(self._fd)
@@ -264,116 +289,15 @@ class Buffer:
         its receiver hangs up, as another link could be given it."""
         n = _aligned(n)
         with self._lock:
-            box.poll(self)
-            if box.closed or len(box.inflight) >= PIPE_REGIONS:
+            box.poll(self._free)
+            if box.closed or len(box.inflight) >= WINDOW:
                 return None
             offset = self._find(n)
             if offset is None:
-                for other in list(self._outboxes):
-                    other.poll(self)
+                self._outboxes.poll_all()
                 offset = self._find(n)
             if offset is not None:
                 box.inflight.append(offset)
                 self._writing[offset] = False
-        self._after_close()
+        self._outboxes.after_close()
         return offset
-
-    def pin(self, box: Outbox, frames: Sequence[memoryview]) -> bool:
-        """Keep a message's ``frames`` alive until the receiver has read them
-        in place from this process's memory (single copy) and released them
-        (one release byte).  False if ``box`` has closed (nothing would
-        release them) or holds ``PIPE_REGIONS`` entries already.  (What the
-        receiver releases, the loop watching the pipe frees: no poll here.)"""
-        with self._lock:
-            if box.closed or len(box.inflight) >= PIPE_REGIONS:
-                return False
-            box.inflight.append(PINNED)
-            box.pinned.append(list(frames))
-            return True
-
-    async def wait(self, box: Outbox, seen: int) -> None:
-        """Wait until regions of ``box`` are freed after ``seen`` (its
-        ``release_count`` when a :meth:`place` failed): by its receiver's
-        release, which the event loop watching the pipe reads (see
-        :meth:`attach`), or by any link's poll meanwhile.  Waiters share
-        one future (a stream and a closing comm may wait together)."""
-        with self._lock:
-            if box.release_count != seen or box.closed:
-                return
-            if box.loop is None:  # nothing would ever wake us
-                raise RuntimeError(f"no event loop watches the release pipe of {box}")
-            future = box._waiter
-            if future is None:
-                future = box._waiter = asyncio.get_running_loop().create_future()
-        await asyncio.shield(future)  # one waiter cancelled leaves the others waiting
-
-    def _on_release(self, box: Outbox) -> None:
-        """The release pipe is readable (the event loop calls this)."""
-        with self._lock:
-            box.poll(self)
-            if box.retired:  # its comm has ended: close it once it is empty
-                self._tidy()
-        self._after_close()
-
-    def attach(self, fd: int) -> Outbox:
-        """The outbox of a new link whose receiver holds the write end of
-        the release pipe read through ``fd``.  Called on the link's event
-        loop, which watches the pipe from now until the outbox closes: what
-        the receiver releases is freed as soon as it says so, with no task
-        or timer per message, and the frames it read in place (the
-        application's memory) go at once.  Without a running loop (tests
-        driving the buffer by hand) releases are read by :meth:`place`."""
-        loop = running_loop()
-        box = Outbox(fd, loop, self._closed_jobs)
-        with self._lock:
-            self._tidy()
-            self._outboxes.add(box)
-        self._after_close()
-        if loop is not None:
-            loop.add_reader(fd, self._on_release, box)
-        return box
-
-    def retire(self, box: Outbox, then: Callable[[], None]) -> None:
-        """``box``'s comm has ended; ``then`` runs once ``box`` has closed.
-        What it still has in flight stays reserved until its receiver
-        releases it or its end of the pipe closes (frames read in place
-        stay alive: they are the receiver's only source); with nothing in
-        flight it closes now.  The caller holds its use of the host until
-        ``then``, so the buffer and the watched pipe outlive a comm that
-        closed right after a write, until its receiver has read it."""
-        with self._lock:
-            first, box.retired = not box.retired, True
-            now = first and box.closed  # its receiver hung up earlier
-            if first and not box.closed:
-                box.then = then  # queued when it closes, below or later
-            self._tidy()
-        if now:
-            then()
-        self._after_close()
-
-    def _after_close(self) -> None:
-        """Run what outboxes closed under the lock left to do (it may take
-        locks, the buffer's included)."""
-        run_queued(self._closed_jobs)
-
-    def _tidy(self) -> None:
-        """Poll retired outboxes, and drop those with nothing left in flight
-        (the lock held).  Called whenever a link comes or goes, so their
-        number stays that of receivers still copying."""
-        for box in [b for b in self._outboxes if b.retired]:
-            box.poll(self)
-            if not box.inflight:
-                box.close()
-            if box.closed:
-                self._outboxes.discard(box)
-
-
-def run_queued(jobs: deque[Callable[[], None]]) -> None:
-    """Run and remove the jobs in ``jobs``, which other threads may be
-    running too (each job runs once)."""
-    while jobs:
-        try:
-            job = jobs.popleft()
-        except IndexError:  # another thread took it
-            return
-        job()

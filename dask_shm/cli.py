@@ -102,7 +102,7 @@ def single_copy_verdict(enabled: bool) -> tuple[dict[str, Any], str]:
 def status(directory: str | None, as_json: bool) -> None:
     """Which path this host gives shm:// comms (single copy, tested between
     two processes, or the buffer), the directory's filesystem, free space
-    and huge pages; then dask-shm's files (buffers, probes, release pipes):
+    and huge pages; then dask-shm's files (buffers, probes):
     owner, alive or orphaned, size, totals."""
     from dask_shm.config import settings
     from dask_shm.janitor import list_files

@@ -95,6 +95,9 @@ class SHM(Sender, Receiver, TCP):
     #: for what goes over the socket as it is.
     _tcp_write = TCP.write
     _tcp_read = TCP.read
+    #: This end made the TCP connection (set by SHMConnector); the other
+    #: end, which accepted it, creates the link's release socket.
+    initiator = False
 
     def __init__(self, stream: IOStream, *args: Any, **kwargs: Any) -> None:
         super().__init__(stream, *args, **kwargs)
@@ -129,7 +132,11 @@ class SHM(Sender, Receiver, TCP):
         assert hs is not None
         try:
             link, why = await hs.negotiate(
-                remote, lambda msg: TCP.write(self, msg), lambda: TCP.read(self), self.closed
+                remote,
+                lambda msg: TCP.write(self, msg),
+                lambda: TCP.read(self),
+                self.closed,
+                accepting=not self.initiator,
             )
         except CommClosedError as e:
             raise CommClosedError(f"in {self}: {e}") from e
@@ -219,6 +226,11 @@ class SHMConnector(TCPConnector):
     prefix = "shm://"
     comm_class = SHM
     encrypted = False
+
+    async def connect(self, address: str, deserialize: bool = True, **kwargs: Any) -> SHM:
+        comm = await super().connect(address, deserialize, **kwargs)
+        comm.initiator = True  # before distributed's handshake, which follows
+        return comm
 
 
 class SHMListener(TCPListener):

@@ -144,6 +144,8 @@ def decode(
         elif offset == INLINE:
             if not inline_left or inline_left.pop(0) != length:
                 raise DescriptorError(f"fragment {i}: no inline frame of {length} bytes")
+        elif not buffer_size:
+            raise DescriptorError(f"fragment {i}: a buffer region, but the peer announced no buffer")
         elif offset + length > buffer_size:
             raise DescriptorError(
                 f"fragment {i}: bytes {offset}..{offset + length} lie outside "

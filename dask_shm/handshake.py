@@ -5,9 +5,10 @@ messages and their keys are specified in docs/protocol.md.
 Nothing of ours exists per connection before the peer is proven: a
 connection that never says anything costs a :class:`Handshake` object and
 one use of this process's :class:`~dask_shm.host.Host` (whose probe and
-buffer are per process), no file and no descriptor.  A release pipe is made
-only for a peer that read our probe, and its name is unlinked as soon as
-the peer has said it opened it, or the handshake ended otherwise.
+buffer are per process), no file and no descriptor.  A release socket
+(:mod:`dask_shm.release`) is made only for a peer that read our probe, by
+the end that accepted the TCP connection, and stops listening as soon as
+the peer has connected, or the handshake ended otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
-import os
+import socket
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -29,9 +30,10 @@ from dask_shm.outbox import Outbox, running_loop
 from dask_shm.config import Settings, settings
 from dask_shm.errors import DescriptorError, ShmFull
 from dask_shm.host import Host, later, read_probe, warn_once
-from dask_shm.inbox import Inbox
+from dask_shm.inbox import Inbox, PeerBuffer
 from dask_shm.janitor import quiet_sweep
-from dask_shm.names import Directory, Owner, close_quietly, current_owner, held
+from dask_shm.names import Directory, Owner, current_owner, held
+from dask_shm.release import Channel, accept, connect, listen
 from dask_shm.single_copy import declare_readable, reads_token
 
 __all__ = ["PROTOCOL", "Link", "Handshake", "start"]
@@ -40,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 #: Version of the handshake, envelope and descriptor protocol; peers must
 #: agree (docs/protocol.md).
-PROTOCOL = 3
+PROTOCOL = 4
 
 
 class Link:
@@ -74,6 +76,8 @@ class Link:
         self.serializers = conf.serializers
         #: The peer reads our frames in place (one copy): set by the handshake.
         self.single_copy = False
+        #: We read the peer's frames in place: set by the handshake.
+        self.reads_in_place = False
         #: The peer is this very process (a client in its scheduler's
         #: process): frames may be handed over rather than copied (see
         #: :mod:`dask_shm.handoff`).
@@ -114,9 +118,9 @@ class Link:
         memory (or hung up).  ``TCP.close`` returns once the kernel holds
         every byte written, so a process may exit right after it; frames
         read in place live in this process until released."""
-        box, buffer = self.outbox, self.host.buffer
-        while box is not None and buffer is not None and box.pinned and not box.closed:
-            await buffer.wait(box, box.release_count)
+        box = self.outbox
+        while box is not None and box.pinned and not box.closed:
+            await self.host.outboxes.wait(box, box.release_count)
 
     def written_direct(self) -> None:
         """A write straight to TCP has ended: wake a stream waiting for it."""
@@ -136,11 +140,10 @@ class Link:
         if self.inbox is not None:
             self.host.drop_inbox(self.inbox)
         quiet_sweep(self.host.directory, owner=self.peer)  # if it was killed (-9)
-        buffer = self.host.buffer
-        if self.outbox is not None and buffer is not None:
+        if self.outbox is not None:
             # Our use of the host ends once the peer has released what it
             # may still read (at once if nothing).
-            buffer.retire(self.outbox, self.host.release)
+            self.host.outboxes.retire(self.outbox, self.host.release)
         else:
             self.host.release()
 
@@ -189,9 +192,10 @@ class Handshake:
     def __init__(self, host: Host, conf: Settings) -> None:
         self.host = host
         self.conf = conf
-        #: Our release pipe, made once the peer is proven: (name, read end).
-        self.pipe: str | None = None
-        self.pipe_fd = -1
+        #: Our listening release socket, made once the peer is proven, on
+        #: the accepting end only: (name, socket).
+        self.release: str | None = None
+        self.listener: socket.socket | None = None
         #: Abandons the handshake if its comm is dropped midway (distributed
         #: does not close a comm whose handshake failed).
         self.finalizer: weakref.finalize[Any, Any] | None = None
@@ -218,12 +222,31 @@ class Handshake:
             "size": None if host.buffer is None else host.buffer.size,
         }
 
+    def _shares(self, theirs: dict[str, Any]) -> bool:
+        """Whether either end may send the other anything through shared
+        memory (a buffer, or memory read in place): then the link needs a
+        release channel.  Both ends compute the same answer."""
+        host = self.host
+        return (
+            host.buffer is not None
+            or self.conf.single_copy
+            or theirs.get("buffer") is not None
+            or theirs.get("memory") is not None
+        )
+
     async def negotiate(
-        self, remote: Any, write: Write, read: Read, closed: Callable[[], bool]
+        self,
+        remote: Any,
+        write: Write,
+        read: Read,
+        closed: Callable[[], bool],
+        accepting: bool,
     ) -> tuple[Link | None, str]:
         """Prove the peer and set up the link (docs/protocol.md, messages 2
-        and 3), with the comm's plain TCP ``write`` and ``read``.  The link,
-        or None and the fallback counter naming why the comm is TCP."""
+        and 3), with the comm's plain TCP ``write`` and ``read``;
+        ``accepting``: this end accepted the TCP connection (it creates the
+        release socket and reads the last message first).  The link, or
+        None and the fallback counter naming why the comm is TCP."""
         host = self.host
         theirs = remote.get("dask-shm") if isinstance(remote, dict) else None
         if not isinstance(theirs, dict) or theirs.get("version") != PROTOCOL:
@@ -232,7 +255,8 @@ class Handshake:
             return None, "fallback-plain-peer"
         peer: Owner | None = None
         their_token: str | None = None
-        inbox: Inbox | None = None
+        buffer: PeerBuffer | None = None
+        channel: Channel | None = None
         try:
             try:
                 peer = Owner.from_tuple(theirs.get("owner"))
@@ -240,21 +264,21 @@ class Handshake:
             except DescriptorError as e:
                 logger.debug("peer's handshake unusable: %s", e)
             in_place = False
-            if peer is not None and their_token is not None:
-                if host.buffer is not None:  # only now: the peer is proven
-                    try:
-                        self.pipe, self.pipe_fd = host.new_pipe()
-                    except OSError as e:  # no inode left: we send it nothing through shm
-                        warn_once(f"cannot create a release pipe in {host.path} ({e}); "
-                                  "large messages to some peers go over TCP")
-                        stats.count("fallback-no-pipe")
+            if peer is not None and their_token is not None:  # only now: the peer is proven
                 if self.conf.single_copy:
                     refused = reads_token(peer, theirs.get("memory"), their_token)
                     if refused is not None:  # the buffer carries the peer's messages
                         stats.count(f"single-copy-refused-{refused}")
                     in_place = refused is None
+                if accepting and self._shares(theirs):
+                    try:
+                        self.release, self.listener = listen()
+                    except OSError as e:  # out of descriptors: nothing shared with it
+                        warn_once(f"cannot create a release socket ({e}); "
+                                  "large messages to some peers go over TCP")
+                        stats.count("fallback-no-channel")
             await write({"dask-shm-echo": their_token, "read-memory": in_place,
-                         "release": self.pipe})
+                         "release": self.release})
             echo = await read()
             if not (
                 peer is not None
@@ -267,53 +291,55 @@ class Handshake:
                 self.abandon()
                 return None, "fallback-no-probe"
             try:
-                inbox = self._open_inbox(peer, theirs, echo.get("release"))
+                buffer = self._peer_buffer(peer, theirs)
+                if not accepting and echo.get("release") is not None:
+                    channel = connect(echo.get("release"), peer)
                 opened = True
             except (DescriptorError, OSError) as e:
-                logger.debug("cannot open the peer's buffer or release pipe: %s", e)
+                logger.debug("cannot open the peer's buffer or release socket: %s", e)
                 opened = False
-            await write({"dask-shm-ready": opened})
-            ack = await read()
+            if accepting:  # the peer has connected by the time it says so
+                ack = await read()
+                if opened and self.listener is not None and _ready(ack):
+                    channel = accept(self.listener, peer)
+                    opened = channel is not None
+                await write({"dask-shm-ready": opened})
+            else:
+                await write({"dask-shm-ready": opened})
+                ack = await read()
         except BaseException:
             self.fail(peer)
-            if inbox is not None:
-                host.drop_inbox(inbox)
+            _let_go(host, buffer, channel)
             raise
         finally:
-            self.end()  # the peer has opened our pipe by now, or never will
-        if not (opened and isinstance(ack, dict) and ack.get("dask-shm-ready") is True):
+            self.end()  # the peer has connected by now, or never will
+        if not (opened and _ready(ack)):
             stats.count("handshake-not-opened")
-            if inbox is not None:
-                host.drop_inbox(inbox)
+            _let_go(host, buffer, channel)
             self.abandon()
             return None, "fallback-not-opened"
-        return await self._link(peer, theirs, inbox, echo.get("read-memory") is True, closed), ""
+        reads_us = echo.get("read-memory") is True
+        return await self._link(peer, theirs, buffer, channel, in_place, reads_us, closed), ""
 
-    def _open_inbox(self, peer: Owner, theirs: dict[str, Any], pipe: object) -> Inbox | None:
-        """The peer's buffer and release pipe, if it named them."""
-        if pipe is None:
+    def _peer_buffer(self, peer: Owner, theirs: dict[str, Any]) -> PeerBuffer | None:
+        """The peer's buffer, if it named one."""
+        if theirs.get("buffer") is None:
             return None
-        host = self.host
-        buffer = host.peer(theirs.get("buffer"), peer, theirs.get("size"))
-        try:
-            return Inbox(buffer, host.directory, pipe, peer)
-        except BaseException:
-            host.unpeer(buffer)
-            raise
+        return self.host.peer(theirs.get("buffer"), peer, theirs.get("size"))
 
     async def _link(
         self,
         peer: Owner,
         theirs: dict[str, Any],
-        inbox: Inbox | None,
-        read_in_place: bool,
+        buffer: PeerBuffer | None,
+        channel: Channel | None,
+        in_place: bool,
+        reads_us: bool,
         closed: Callable[[], bool],
     ) -> Link:
         host = self.host
-        fd, self.pipe_fd = self.pipe_fd, -1
-        buffer = host.buffer
-        single_copy = buffer is not None and fd >= 0 and read_in_place
-        if buffer is not None and not single_copy:
+        ours = host.buffer
+        if channel is not None and ours is not None and not reads_us:
             # Messages to this peer go through the buffer: fill it now (once
             # per process; a link that reads in place never needs it).  If
             # there is no room, the link's messages try again, one by one.
@@ -322,15 +348,21 @@ class Handshake:
                 if closed():  # aborted meanwhile (a listener stopping)
                     raise CommClosedError("closed during the handshake")
             except BaseException:  # nothing of this link may stay
-                if fd >= 0:
-                    os.close(fd)
-                if inbox is not None:
-                    host.drop_inbox(inbox)
+                _let_go(host, buffer, channel)
                 host.release()
                 raise
-        outbox = buffer.attach(fd) if buffer is not None and fd >= 0 else None
+        outbox = inbox = None
+        if channel is not None:
+            if ours is not None or reads_us:
+                outbox = host.outboxes.attach(channel)
+            if buffer is not None or in_place:
+                inbox = Inbox(buffer, channel)
+                buffer = None  # the inbox holds it now
+            channel.drop()  # the handshake's use
+        _let_go(host, buffer, None)
         link = Link(host, peer, outbox, inbox, bool(theirs.get("relay")), self.conf)
-        link.single_copy = single_copy and outbox is not None
+        link.single_copy = outbox is not None and reads_us
+        link.reads_in_place = inbox is not None and in_place
         stats.count("handshake-shm")
         return link
 
@@ -339,20 +371,21 @@ class Handshake:
         self._done = self._abandoned = True
         if self.finalizer is not None:
             self.finalizer.detach()
-        fd, self.pipe_fd = self.pipe_fd, -1
-        if fd >= 0:
-            close_quietly(fd)
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.close()
 
     def end(self) -> None:
-        """No peer will open our pipe by name any more: unlink it (its read
-        end stays open).  Idempotent; lock-free (a finalizer may call it)."""
+        """No peer will connect to our release socket any more: close it.
+        Idempotent; lock-free (a finalizer may call it)."""
         if self._done:
             return
         self._done = True
         if self.finalizer is not None:
             self.finalizer.detach()
-        if self.pipe is not None:
-            self.host.directory.unlink(self.pipe)
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.close()
 
     def fail(self, peer: Owner | None) -> None:
         """The handshake broke off after ``peer`` (if known) said who it is:
@@ -369,10 +402,19 @@ class Handshake:
             return
         self._abandoned = True
         self.end()
-        fd, self.pipe_fd = self.pipe_fd, -1
-        if fd >= 0:
-            os.close(fd)
         if from_finalizer:
             later(self.host.release, self.loop)
         else:
             self.host.release()
+
+
+def _ready(message: object) -> bool:
+    return isinstance(message, dict) and message.get("dask-shm-ready") is True
+
+
+def _let_go(host: Host, buffer: PeerBuffer | None, channel: Channel | None) -> None:
+    """Undo what a handshake opened for a link that will not be."""
+    if buffer is not None:
+        host.unpeer(buffer)
+    if channel is not None:
+        channel.drop()

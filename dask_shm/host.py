@@ -20,11 +20,12 @@ from collections import deque
 from collections.abc import Callable
 
 from dask_shm import stats
-from dask_shm.buffers import Buffer, run_queued
+from dask_shm.buffers import Buffer
 from dask_shm.errors import DescriptorError, ShmFull
 from dask_shm.inbox import Inbox, PeerBuffer
 from dask_shm.janitor import quiet_sweep
 from dask_shm.names import MODE, Directory, Owner, check_name, new_name, own
+from dask_shm.outbox import Outboxes, run_queued
 
 __all__ = ["Host", "info", "later", "warn_once", "create_probe", "read_probe"]
 
@@ -46,6 +47,8 @@ class Host:
         self.path = path
         self.directory = Directory(path)
         self.users = 0
+        #: The sending side of every link, with or without a buffer.
+        self.outboxes = Outboxes()
         self.buffer: Buffer | None = None
         self._buffer_size = buffer_size
         #: One attempt to fill the buffer at a time (see :meth:`fill`).
@@ -82,7 +85,7 @@ class Host:
                 host = cls._hosts[path] = Host(path, buffer_size)
             try:
                 if host.buffer is None and host._buffer_size:
-                    host.buffer = Buffer(host.directory, host._buffer_size)
+                    host.buffer = Buffer(host.directory, host._buffer_size, host.outboxes)
             except BaseException:
                 if not host.users:  # nobody else holds it: close it again
                     del cls._hosts[path]
@@ -111,6 +114,7 @@ class Host:
             buffer, self.buffer = self.buffer, None
         for peer in peers.values():
             peer.close()
+        self.outboxes.close_all()
         if buffer is not None:
             buffer.destroy()
         self.directory.unlink(self.probe)
@@ -187,7 +191,8 @@ class Host:
     def drop_inbox(self, inbox: Inbox) -> None:
         """A link's inbox is done: close it and let go of its peer buffer."""
         inbox.close()
-        self.unpeer(inbox.peer)
+        if inbox.peer is not None:
+            self.unpeer(inbox.peer)
 
     def unpeer(self, peer: PeerBuffer) -> None:
         with self._lock:
@@ -196,19 +201,6 @@ class Host:
                 return
             del self._peers[peer.name]
         peer.close()
-
-    def new_pipe(self) -> tuple[str, int]:
-        """A fresh release pipe: (its name, our read end, non-blocking)."""
-        name = new_name("r")
-        os.mkfifo(name, MODE, dir_fd=self.directory.fd)  # fails if the name exists
-        own(self.directory, name)
-        try:
-            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(name, flags, dir_fd=self.directory.fd)
-        except BaseException:
-            self.directory.unlink(name)
-            raise
-        return name, fd
 
     @classmethod
     def reset_after_fork(cls) -> None:

@@ -7,7 +7,6 @@ is told once, in :mod:`dask_shm.buffers`.
 
 from __future__ import annotations
 
-import mmap
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -15,8 +14,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from distributed.comm.core import CommClosedError
 
+from dask_shm.buffers import map_shared
 from dask_shm.errors import DescriptorError
-from dask_shm.names import Directory, Owner, check_file, check_name, close_quietly, held
+from dask_shm.names import Directory, Owner, check_file, check_name, held
+from dask_shm.release import Channel
 from dask_shm.single_copy import read_frames
 
 __all__ = ["PeerBuffer", "Inbox"]
@@ -97,10 +98,10 @@ class PeerBuffer:
                         f"buffer {self.name} holds {st.st_size} bytes, "
                         f"not the {self.size} its owner announced"
                     )
-                mapping = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+                view = map_shared(fd, self.size, writable=False)
             finally:
-                os.close(fd)  # the mmap object keeps a descriptor of its own
-            view = self.view = np.frombuffer(mapping, dtype=np.uint8)
+                os.close(fd)  # the mapping needs no descriptor
+            self.view = view
         return view
 
     def close(self) -> None:
@@ -110,43 +111,37 @@ class PeerBuffer:
 
 
 class Inbox:
-    """The receiving side of one link: the sender's buffer and our end of
-    its release pipe."""
+    """The receiving side of one link: the sender's buffer (None if it has
+    none, or we read all its messages in place) and the link's release
+    channel."""
 
-    def __init__(self, peer: PeerBuffer, directory: Directory, pipe: object, owner: Owner) -> None:
-        name = check_name(pipe, owner, "r")
-        # O_NONBLOCK: opening a FIFO's write end fails (ENXIO) rather than
-        # waits when nobody reads it; writes never block (see PIPE_REGIONS).
-        flags = os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(name, flags, dir_fd=directory.fd)
-        problem = check_file(os.fstat(fd), "r")
-        if problem:
-            os.close(fd)
-            raise DescriptorError(f"refusing release pipe {name}: {problem}")
+    def __init__(self, peer: PeerBuffer | None, channel: Channel) -> None:
         self.peer = peer
-        self._pipe = fd
+        self._channel: Channel | None = channel.use()
         self._lock = threading.Lock()  # close() against a copy in another thread
         self._copying = 0
         self.closed = False
         held(self)
 
     def drop_in_child(self) -> None:
-        """In a forked child: close our end of the release pipe, so that the
-        sender sees end-of-file once the parent closes its own."""
+        """In a forked child: forget the channel (it closes itself there),
+        so that the sender sees end-of-file once the parent lets go."""
         self.closed = True
         self._copying = 0
         self._lock = threading.Lock()  # perhaps held by a thread the child lacks
-        if self._pipe >= 0:
-            close_quietly(self._pipe)
-            self._pipe = -1
+        self._channel = None
 
     def copy(self, offset: int, length: int, into: list[np.ndarray]) -> None:
         """Copy a region out into consecutive pieces of ``into`` (their sizes
         add up to ``length``), then release it.  Bounds were validated with
         the descriptor.  Blocking; safe in any thread."""
 
+        peer = self.peer
+        if peer is None:
+            raise DescriptorError("the sender described a region of a buffer it did not announce")
+
         def copy() -> None:
-            view = self.peer.map()
+            view = peer.map()
             start = offset
             for dst in into:
                 np.copyto(dst, view[start : start + dst.nbytes])
@@ -161,10 +156,9 @@ class Inbox:
         self._then_release(lambda: read_frames(sender, pairs))
 
     def _then_release(self, copy: Callable[[], None]) -> None:
-        """Run ``copy``, then release its entry (one byte: with at most
-        ``PIPE_REGIONS`` in flight it never blocks and is never split); if
-        the link closed meanwhile, close the pipe instead (once no other
-        copy runs).
+        """Run ``copy``, then release its entry (see
+        :meth:`Channel.release`); if the link closed meanwhile, tell the
+        sender we are done instead (once no other copy runs).
 
         Raises
         ------
@@ -183,21 +177,20 @@ class Inbox:
             with self._lock:
                 self._copying -= 1
                 if not self.closed:
-                    try:
-                        os.write(self._pipe, b"\0")
-                    except BrokenPipeError:
-                        pass  # the sender is gone: nobody to release to
+                    if self._channel is not None:
+                        self._channel.release()
                 elif not self._copying:
-                    self._close_pipe()
+                    self._let_go()
 
     def close(self) -> None:
         """No more regions will be read; a copy under way finishes first."""
         with self._lock:
             self.closed = True
             if not self._copying:
-                self._close_pipe()
+                self._let_go()
 
-    def _close_pipe(self) -> None:
-        if self._pipe >= 0:
-            os.close(self._pipe)
-            self._pipe = -1
+    def _let_go(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.done_writing()
+            channel.drop()

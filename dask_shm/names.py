@@ -5,9 +5,9 @@ Every file dask-shm creates is named::
 
     dask-shm-<pid>-<start time>-<pid namespace>-<boot>-<kind>-<128 random bits>
 
-``kind`` is ``b`` for a process's shared buffer, ``r`` for a release pipe
-(a FIFO, named only during a handshake) and ``p`` for a process's
-handshake probe.  The start time (from ``/proc/<pid>/stat``) makes a name
+``kind`` is ``b`` for a process's shared buffer and ``p`` for a process's
+handshake probe; ``r`` names a release socket (:mod:`dask_shm.release`),
+which lives in the abstract socket namespace, not in the directory.  The start time (from ``/proc/<pid>/stat``) makes a name
 survive pid reuse, so the janitor can prove its owner dead; ``boot`` (the
 first 64 bits of the kernel's boot id) says which host's ``/proc`` may
 judge it at all; the random part makes it unguessable.  Names are checked against this exact pattern before anything
@@ -59,7 +59,7 @@ PREFIX = "dask-shm-"
 #: Owner-only permissions: another user on the host can neither read our data
 #: nor pass our probe (and so falls back to TCP).
 MODE = 0o600
-KINDS = {"b": "buffer", "r": "release pipe", "p": "probe"}
+KINDS = {"b": "buffer", "r": "release socket", "p": "probe"}
 
 _NAME_RE = re.compile(
     r"dask-shm-(?P<pid>[0-9]{1,10})-(?P<start>[0-9]{1,20})-(?P<ns>[0-9]{1,20})"
@@ -202,10 +202,9 @@ def check_name(name: object, owner: Owner, kind: str) -> str:
 
 def check_file(st: os.stat_result, kind: str) -> str | None:
     """Why a file a peer named is unacceptable, or None: it must be a regular
-    file (a FIFO for a release pipe) of our uid, owner-only, one link."""
-    want = stat.S_ISFIFO if kind == "r" else stat.S_ISREG
-    if not want(st.st_mode):
-        return f"not a {'FIFO' if kind == 'r' else 'regular file'}"
+    file of our uid, owner-only, one link."""
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
     if st.st_uid != os.geteuid():
         return f"owned by uid {st.st_uid}, not by us (uid {os.geteuid()})"
     if st.st_mode & 0o077:
@@ -313,7 +312,7 @@ _held: weakref.WeakSet[Any] = weakref.WeakSet()
 def held(obj: Any) -> None:
     """Register ``obj``, whose ``drop_in_child()`` a forked child calls: a
     task that forks (``os.fork``, multiprocessing's fork context) must not
-    keep a release pipe open (its sender would never see end-of-file), a
+    keep a release channel open (its sender would never see end-of-file), a
     peer's buffer mapped, or a duty such as unlinking its parent's files.
     Each object closes its descriptors there, drops its mappings and
     marks itself unusable, without touching the parent's event loop, whose

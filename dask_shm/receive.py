@@ -82,7 +82,7 @@ class Receiver:
             # As TCP.read: once a message has started to arrive, anything
             # that stops its read (allocation, a copy, a cancellation) leaves
             # the rest of it unread, which the next read would take for
-            # another message.  Abort: the release pipe closes, and the
+            # another message.  Abort: the release channel closes, and the
             # sender frees what the message held.
             self.abort()
             if isinstance(e, DescriptorError):
@@ -109,15 +109,18 @@ class Receiver:
         allocated as ``TCP.read`` allocates them, releasing each region."""
         inbox = link.inbox
         if inbox is None:
-            raise DescriptorError("a descriptor arrived, but the peer announced no buffer")
+            raise DescriptorError("a descriptor arrived on a link that receives nothing shared")
+        buffer_size = 0 if inbox.peer is None else inbox.peer.size  # 0: no region fits
         lengths, fragments, remote = decode(
             envelope.descriptor,
             first=True,
-            buffer_size=inbox.peer.size,
+            buffer_size=buffer_size,
             remaining=None,
             inline=[nbytes(f) for f in envelope.frames],
         )
         assert lengths is not None
+        if remote and not link.reads_in_place:
+            raise DescriptorError("an in-place descriptor, but we did not agree to read in place")
         if remote and [n for n in lengths if n] != [n for _, n in fragments]:
             # Checked before anything is allocated.
             raise DescriptorError("in-place fragments do not match the frames one to one")
@@ -150,7 +153,7 @@ class Receiver:
             _, fragments, remote = decode(
                 envelope.descriptor,
                 first=False,
-                buffer_size=inbox.peer.size,
+                buffer_size=buffer_size,
                 remaining=sink.remaining,
                 inline=[nbytes(f) for f in envelope.frames],
             )

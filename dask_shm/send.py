@@ -228,11 +228,10 @@ class Sender:
         :mod:`dask_shm.handoff`) and must not change meanwhile (distributed never
         changes what it sends)."""
         outbox = link.outbox
-        buffer = link.host.buffer  # a link's outbox keeps it
-        assert outbox is not None and buffer is not None
-        # Not pinned: the receiver hung up meanwhile, or has PIPE_REGIONS
-        # messages of this link still to read.
-        if not buffer.pin(outbox, views):
+        assert outbox is not None
+        # Not pinned: the receiver hung up meanwhile, or has WINDOW messages
+        # of this link still to read.
+        if not link.host.outboxes.pin(outbox, views):
             await self._fall_back(views)
             return
         if link.same_process:
@@ -289,7 +288,7 @@ class Sender:
                     break  # start the receiver at once
             if not fragments:
                 if outbox.inflight and not outbox.closed:
-                    await buffer.wait(outbox, seen)
+                    await link.host.outboxes.wait(outbox, seen)
                     continue
                 # No room, and nothing of this link to wait for: TCP carries it.
                 for piece in source.take(min(link.fragment_size, source.remaining)):

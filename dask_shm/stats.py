@@ -35,14 +35,15 @@ them on Dask's Prometheus endpoints.  Names:
     Times it could not set its buffer up for another reason (the kernel
     refused the memory or the mapping): it then sends over TCP, without
     trying again until its ``shm://`` comms have all closed.
-``fallback-no-pipe``
-    Handshakes at which this process could not create a release pipe (no
-    inode left): it sends that peer nothing through shared memory.
+``fallback-no-channel``
+    Handshakes at which this process could not create a release socket
+    (out of descriptors): nothing goes through shared memory on that link,
+    either way.
 ``fallback-<reason>``
     Messages written on ``shm://`` comms that are plain TCP, by why:
     ``no-probe`` (the peer failed the handshake probe: another host, user or
     directory), ``not-opened`` (a proven peer named a buffer or release
-    pipe that could not be opened, or refused ours), ``plain-peer`` (the
+    socket that could not be opened or reached, or refused ours), ``plain-peer`` (the
     peer is ``tcp://`` or speaks another protocol version), ``disabled``
     (``dask-shm.enabled`` is false, or the directory is unusable or not a
     memory filesystem), ``probe-failed`` (this side could not create its

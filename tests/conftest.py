@@ -34,6 +34,7 @@ from distributed.comm.core import Comm, CommClosedError
 import dask_shm  # noqa: F401  (loads the configuration defaults)
 from dask_shm import stats
 from dask_shm.names import PREFIX
+from dask_shm.release import open_sockets
 
 #: The shm directory under test: /dev/shm, unless DASK_DASK_SHM__DIRECTORY
 #: names another (e.g. a private subdirectory of /dev/shm, so that two test
@@ -75,9 +76,10 @@ async def until(predicate: Callable[[], object], timeout: float = SETTLE) -> Non
 
 
 def our_fds(directory: str = SHM_DIR) -> list[str]:
-    """This process's descriptors on our files (buffers, probes, release pipes,
-    named or unlinked) and on the shm directory itself."""
+    """This process's descriptors on our files (buffers, probes, named or
+    unlinked), on the shm directory itself, and on release sockets."""
     out = []
+    sockets = open_sockets()
     fd_dir = "/proc/self/fd"
     for fd in os.listdir(fd_dir):
         try:
@@ -88,12 +90,8 @@ def our_fds(directory: str = SHM_DIR) -> list[str]:
         in_dir = os.path.dirname(target) == directory.rstrip("/")
         if (in_dir and base.startswith(PREFIX)) or target == directory.rstrip("/"):
             out.append(target)
-        elif base.startswith(PREFIX):  # a FIFO of ours opened elsewhere
-            try:
-                if stat.S_ISFIFO(os.stat(f"{fd_dir}/{fd}").st_mode):
-                    out.append(target)
-            except OSError:
-                pass
+        elif target.startswith("socket:[") and int(target[8:-1]) in sockets:
+            out.append(f"release socket {sockets[int(target[8:-1])]}")
     return out
 
 

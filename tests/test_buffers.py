@@ -1,13 +1,15 @@
-"""The buffer module without comms: a real buffer file and real release pipes
-in the shm directory, driven by hand.  Regions in flight are never handed
-out twice; receivers free them through the pipe, in the order they were sent;
-a receiver's end closing frees all its link held; a copy under way keeps the
-pipe open; files a peer names are judged on what was opened."""
+"""The buffer module without comms: a real buffer file in the shm directory
+and real release sockets, driven by hand.  Regions in flight are never
+handed out twice; receivers free them through the release channel, in the
+order they were sent; a receiver's end closing frees all its link held; a
+copy under way keeps the channel open; files and sockets a peer names are
+judged on what was opened."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,12 +23,13 @@ from distributed.comm.core import CommClosedError
 from hypothesis import strategies as st
 
 from dask_shm.buffers import ALIGN, Buffer
-from dask_shm.outbox import PIPE_REGIONS, Outbox
+from dask_shm.outbox import Outbox, Outboxes
+from dask_shm.release import WINDOW, Channel, accept, connect, listen
 from dask_shm.errors import DescriptorError
 from dask_shm.host import Host
 from dask_shm.inbox import Inbox, PeerBuffer
 from dask_shm.host import read_probe
-from dask_shm.names import Directory, current_owner, new_name
+from dask_shm.names import Directory, Owner, current_owner, new_name
 
 from .conftest import SHM_DIR, is_root, ours, wait_for
 
@@ -43,37 +46,44 @@ def directory() -> Iterator[Directory]:
 
 
 @pytest.fixture
-def buffer(directory: Directory) -> Iterator[Buffer]:
-    b = Buffer(directory, SIZE)
+def outboxes() -> Outboxes:
+    return Outboxes()
+
+
+@pytest.fixture
+def buffer(directory: Directory, outboxes: Outboxes) -> Iterator[Buffer]:
+    b = Buffer(directory, SIZE, outboxes)
     b.fill()
     yield b
+    outboxes.close_all()
     b.destroy()
 
 
 class Pipe:
-    """A release pipe as a link has it: the sender's outbox (read end) and
-    the receiver's write end; its name is unlinked once both are open.  The
-    outbox is attached on ``on``'s loop, which then watches the pipe, as the
-    handshake attaches it; without ``on``, in this thread, with no loop
-    (releases are read by ``place``)."""
+    """A release channel as a link has it: the sender's outbox on one end of
+    a socket pair, the receiver's end the other.  The outbox is attached on
+    ``on``'s loop, which then watches the channel, as the handshake attaches
+    it; without ``on``, in this thread, with no loop (releases are read by
+    ``place``)."""
 
-    def __init__(self, directory: Directory, buffer: Buffer, on: LoopThread | None = None) -> None:
-        name = new_name("r")
-        os.mkfifo(name, 0o600, dir_fd=directory.fd)
-        read = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=directory.fd)
-        self.write_fd = os.open(name, os.O_WRONLY | os.O_NONBLOCK, dir_fd=directory.fd)
-        directory.unlink(name)
+    def __init__(self, outboxes: Outboxes, on: LoopThread | None = None) -> None:
+        ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        channel = Channel(ours)
         self.box: Outbox = (
-            buffer.attach(read) if on is None else on.run(lambda: buffer.attach(read))
+            outboxes.attach(channel) if on is None else on.run(lambda: outboxes.attach(channel))
         )
+        channel.drop()  # the handshake's use
 
     def release(self, n: int = 1) -> None:
-        os.write(self.write_fd, b"\0" * n)
+        self.theirs.send(b"\0" * n)
 
     def hang_up(self) -> None:
-        if self.write_fd >= 0:
-            os.close(self.write_fd)
-            self.write_fd = -1
+        self.theirs.close()
+
+
+def let_go(box: Outbox) -> bool:
+    """Whether the outbox stopped watching and let go of its channel."""
+    return box.loop is None and not box._holds and box.channel.sock.fileno() == -1
 
 
 class Ended:
@@ -95,8 +105,8 @@ def place(buffer: Buffer, box: Outbox, n: int) -> int | None:
 
 
 @pytest.fixture
-def pipes(directory: Directory, buffer: Buffer) -> Iterator[list[Pipe]]:
-    made = [Pipe(directory, buffer) for _ in range(2)]
+def pipes(outboxes: Outboxes, buffer: Buffer) -> Iterator[list[Pipe]]:
+    made = [Pipe(outboxes) for _ in range(2)]
     yield made
     for p in made:
         p.hang_up()
@@ -144,34 +154,34 @@ def test_a_receiver_hanging_up_frees_all_its_link_held(buffer: Buffer, pipes: li
     assert place(buffer, a.box, 10) is None  # nobody reads that link any more
     assert list(b.box.inflight)[0] == 0
     ended = Ended()
-    buffer.retire(a.box, ended)
-    assert a.box not in buffer._outboxes and ended.n == 1
+    buffer._outboxes.retire(a.box, ended)
+    assert a.box not in buffer._outboxes.boxes and ended.n == 1
 
 
 def test_a_message_read_in_place_is_one_release_whatever_its_frames(
     buffer: Buffer, pipes: list[Pipe]
 ) -> None:
-    """A message of more frames than the pipe holds bytes is one entry, one
-    release byte; a link with PIPE_REGIONS messages unreleased refuses more
-    (the message goes over TCP) rather than block its receiver's release."""
+    """A message of more frames than the window is one entry, one release
+    byte; a link with WINDOW messages unreleased refuses more (the message
+    goes over TCP) rather than block its receiver's release."""
     a = pipes[0]
-    many = [memoryview(bytearray(8)) for _ in range(2 * PIPE_REGIONS)]
-    assert buffer.pin(a.box, many)
-    for _ in range(PIPE_REGIONS - 1):
-        assert buffer.pin(a.box, many[:1])
-    assert not buffer.pin(a.box, many[:1])
-    a.release(PIPE_REGIONS)
+    many = [memoryview(bytearray(8)) for _ in range(2 * WINDOW)]
+    assert buffer._outboxes.pin(a.box, many)
+    for _ in range(WINDOW - 1):
+        assert buffer._outboxes.pin(a.box, many[:1])
+    assert not buffer._outboxes.pin(a.box, many[:1])
+    a.release(WINDOW)
     assert place(buffer, a.box, 1) == 0  # its poll freed every message
     assert not a.box.pinned and list(a.box.inflight) == [0]
 
 
-def test_a_link_holds_at_most_what_its_pipe_can_release(buffer: Buffer, pipes: list[Pipe]) -> None:
-    """One release byte per region must fit in the pipe without blocking."""
+def test_a_link_holds_at_most_what_its_channel_can_release(buffer: Buffer, pipes: list[Pipe]) -> None:
+    """One release byte per region must fit in the socket without blocking."""
     a = pipes[0]
-    for _ in range(PIPE_REGIONS):
+    for _ in range(WINDOW):
         assert place(buffer, a.box, 1) is not None
     assert place(buffer, a.box, 1) is None
-    a.release(PIPE_REGIONS)
+    a.release(WINDOW)
     assert place(buffer, a.box, 1) is not None
 
 
@@ -208,24 +218,24 @@ def loop_thread() -> Iterator[LoopThread]:
 
 
 @pytest.fixture
-def watched(directory: Directory, buffer: Buffer, loop_thread: LoopThread) -> Iterator[Pipe]:
-    """A release pipe whose outbox ``loop_thread``'s loop watches."""
-    p = Pipe(directory, buffer, on=loop_thread)
+def watched(outboxes: Outboxes, buffer: Buffer, loop_thread: LoopThread) -> Iterator[Pipe]:
+    """A release channel whose outbox ``loop_thread``'s loop watches."""
+    p = Pipe(outboxes, on=loop_thread)
     yield p
     p.hang_up()
 
 
 @pytest.mark.parametrize("loop_state", ["running", "stopped", "closed"])
-def test_the_watching_loop_frees_releases_and_the_pipe_closes_once_from_any_thread(
+def test_the_watching_loop_frees_releases_and_the_channel_closes_once_from_any_thread(
     buffer: Buffer, watched: Pipe, loop_thread: LoopThread, loop_state: str
 ) -> None:
     """A link's loop frees what its receiver releases as the bytes arrive,
     with no call from the sender; when another thread ends the link, the
-    watch stops and the pipe's descriptor is closed, whether that loop still
+    watch stops and the channel's descriptor is closed, whether that loop still
     runs, has stopped or is closed."""
     box = watched.box
     assert place(buffer, box, 1000) == 0
-    assert buffer.pin(box, [memoryview(b"frame")])
+    assert buffer._outboxes.pin(box, [memoryview(b"frame")])
     watched.release(2)
     assert wait_for(lambda: not box.inflight and not box.pinned)
     if loop_state != "running":
@@ -233,18 +243,18 @@ def test_the_watching_loop_frees_releases_and_the_pipe_closes_once_from_any_thre
     if loop_state == "closed":
         loop_thread.loop.close()
     ended = Ended()
-    buffer.retire(box, ended)  # nothing in flight: it closes now, from this thread
+    buffer._outboxes.retire(box, ended)  # nothing in flight: it closes now, from this thread
     assert box.closed and ended.n == 1
-    assert wait_for(lambda: box.fd == -1 and box.loop is None)
+    assert wait_for(lambda: let_go(box))
 
 
-def test_a_receiver_that_hangs_up_unwatches_its_pipe(buffer: Buffer, watched: Pipe) -> None:
-    """End of file on a watched pipe frees the link's regions and ends the
+def test_a_receiver_that_hangs_up_unwatches_its_channel(buffer: Buffer, watched: Pipe) -> None:
+    """End of file on a watched channel frees the link's regions and ends the
     watch at once (a level-triggered reader left on it would spin)."""
     box = watched.box
     assert place(buffer, box, 1000) == 0
     watched.hang_up()  # the receiver died
-    assert wait_for(lambda: box.closed and box.fd == -1 and box.loop is None)
+    assert wait_for(lambda: box.closed and let_go(box))
     assert not box.inflight
 
 
@@ -256,23 +266,23 @@ def test_a_retired_link_keeps_what_its_receiver_may_read_until_it_is_released(
     until the receiver releases them; then all goes at once, on the loop."""
     box = watched.box
     frame = memoryview(bytearray(b"frame"))
-    assert place(buffer, box, 1000) == 0 and buffer.pin(box, [frame])
+    assert place(buffer, box, 1000) == 0 and buffer._outboxes.pin(box, [frame])
     ended = threading.Event()
-    buffer.retire(box, ended.set)
+    buffer._outboxes.retire(box, ended.set)
     assert not ended.is_set() and not box.closed
     assert list(box.pinned) == [[frame]] and buffer.in_use() == 1024
     watched.release(2)  # the receiver has read both
     assert ended.wait(10)
     assert box.closed and not box.pinned and buffer.in_use() == 0
-    assert wait_for(lambda: box.fd == -1)
+    assert wait_for(lambda: let_go(box))
 
 
 @settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 1), st.booleans(), st.integers(1, SIZE // 3)), max_size=60))
 def test_regions_in_flight_never_overlap(
-    directory: Directory, buffer: Buffer, ops: list[tuple[int, bool, int]]
+    outboxes: Outboxes, buffer: Buffer, ops: list[tuple[int, bool, int]]
 ) -> None:
-    pipes = [Pipe(directory, buffer) for _ in range(2)]
+    pipes = [Pipe(outboxes) for _ in range(2)]
     sent: list[list[tuple[int, int]]] = [[], []]  # per link, in send order
     try:
         for link, release, n in ops:
@@ -292,7 +302,7 @@ def test_regions_in_flight_never_overlap(
             p.hang_up()
             ended = Ended()
             for _ in range(2):  # release bytes, then the end of file
-                buffer.retire(p.box, ended)
+                buffer._outboxes.retire(p.box, ended)
             assert p.box.closed and ended.n == 1
     assert buffer.in_use() == 0
 
@@ -300,16 +310,17 @@ def test_regions_in_flight_never_overlap(
 @contextmanager
 def receiver(directory: Directory, buffer: Buffer) -> Iterator[tuple[Inbox, int]]:
     """A receiver's inbox on ``buffer`` (opened by name, as a peer opens it),
-    and the read end of its release pipe (the sender's side)."""
+    and the sender's end of its release channel (non-blocking)."""
     peer = PeerBuffer(directory, buffer.name, ME, SIZE)
-    fifo = new_name("r")
-    os.mkfifo(fifo, 0o600, dir_fd=directory.fd)
-    read = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK, dir_fd=directory.fd)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.setblocking(False)
+    channel = Channel(ours)
     try:
-        yield Inbox(peer, directory, fifo, ME), read
+        inbox = Inbox(peer, channel)
+        channel.drop()  # the handshake's use
+        yield inbox, theirs.fileno()
     finally:
-        os.close(read)
-        directory.unlink(fifo)
+        theirs.close()
         peer.close()
 
 
@@ -329,6 +340,7 @@ def test_write_then_copy_out_is_byte_exact_and_releases(
         np.testing.assert_array_equal(np.concatenate(out), data)
         assert os.read(read, 10) == b"\0"  # one release byte for one region
         inbox.close()
+        assert inbox.peer is not None
         assert os.read(read, 10) == b""  # then end of file
         assert not inbox.peer.map().flags.writeable
 
@@ -338,7 +350,7 @@ def test_a_copy_that_starts_after_its_link_closed_reads_nothing(
 ) -> None:
     """A copy queued for an offload thread may start after its comm has
     closed: the sender has then freed what it described (end of file on
-    the pipe), so the copy must not read it, and the read must fail."""
+    the channel), so the copy must not read it, and the read must fail."""
     a = pipes[0]
     offset = buffer.place(a.box, 1000)
     assert offset is not None
@@ -376,11 +388,13 @@ def test_a_write_the_buffer_was_destroyed_before_does_nothing(directory: Directo
     """A shielded write of a cancelled stream may start only after the
     process's last comm destroyed the buffer: nobody will read the region,
     so the write copies nothing and raises nothing."""
-    b = Buffer(directory, SIZE)
+    outboxes = Outboxes()
+    b = Buffer(directory, SIZE, outboxes)
     b.fill()
-    pipe = Pipe(directory, b)
+    pipe = Pipe(outboxes)
     offset = b.place(pipe.box, 100)
     assert offset is not None
+    outboxes.close_all()
     b.destroy()
     b.write(offset, [memoryview(b"x" * 100)])
     pipe.hang_up()
@@ -404,25 +418,26 @@ class _ClosesMidCopy(np.ndarray):
         return int(self.size * self.itemsize)
 
 
-def test_a_copy_under_way_keeps_the_pipe_open_until_it_ends(
+def test_a_copy_under_way_keeps_the_channel_open_until_it_ends(
     directory: Directory, buffer: Buffer
 ) -> None:
-    fifo = new_name("r")
-    os.mkfifo(fifo, 0o600, dir_fd=directory.fd)
-    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK, dir_fd=directory.fd)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.setblocking(False)
+    channel = Channel(ours)
     peer = PeerBuffer(directory, buffer.name, ME, SIZE)
     try:
-        inbox = Inbox(peer, directory, fifo, ME)
+        inbox = Inbox(peer, channel)
+        channel.drop()
         dst = np.empty(4096, np.uint8).view(_ClosesMidCopy)
-        dst.inbox, dst.seen, dst.reader = inbox, [], reader  # type: ignore[attr-defined]
+        dst.inbox, dst.seen, dst.reader = inbox, [], theirs.fileno()  # type: ignore[attr-defined]
         inbox.copy(0, 4096, [dst])
-        # While copying: the write end still open (no end of file), so the
-        # sender cannot reuse the region; after it: closed, and no release.
+        # While copying: no end of file, so the sender cannot reuse the
+        # region; after it: end of file, and no release.
         assert isinstance(dst.seen[0], BlockingIOError), dst.seen
-        assert os.read(reader, 10) == b""
+        assert os.read(theirs.fileno(), 10) == b""
+        assert ours.fileno() == -1  # and our end is closed
     finally:
-        os.close(reader)
-        directory.unlink(fifo)
+        theirs.close()
         peer.close()
 
 
@@ -541,35 +556,43 @@ def test_a_fifo_named_as_a_buffer_or_probe_is_refused_without_blocking(
         assert got is None
 
 
-@pytest.mark.parametrize(
-    "what, problem",
-    [
-        ("symlink", "Too many levels of symbolic links"),
-        ("regular", "not a FIFO"),
-        ("group-fifo", "not owner-only"),
-        ("directory", "Is a directory"),
-        ("fifo", "No such device or address"),  # nobody reads it: not a live link
-        ("missing", "No such file"),
-    ],
-)
-def test_a_release_pipe_that_is_not_a_live_fifo_of_ours_is_refused(
-    directory: Directory, buffer: Buffer, tmp_path: Path, what: str, problem: str
-) -> None:
-    outside = tmp_path / "outside"
-    os.mkfifo(outside, 0o600)
-    readers = [os.open(outside, os.O_RDONLY | os.O_NONBLOCK)]  # a live FIFO elsewhere
-    name = _plant(directory, "r", what, outside)
-    if what == "group-fifo":  # live, so that only its mode is wrong
-        readers.append(os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=directory.fd))
-    peer = PeerBuffer(directory, buffer.name, ME, SIZE)
-    try:
-        with pytest.raises((DescriptorError, OSError), match=problem):
-            Inbox(peer, directory, name, ME)
-    finally:
-        for fd in readers:
-            os.close(fd)
-        peer.close()
-        _remove_planted(directory)
+# -- release sockets: only the peer's ------------------------------------------
+
+
+def test_the_window_fits_in_a_release_socket_without_blocking() -> None:
+    """WINDOW entries a direction may have unreleased: their bytes, written
+    one by one, must never block the receiver (twice over, on this host)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        a.setblocking(False)
+        for _ in range(2 * WINDOW):
+            a.send(b"\0")
+
+
+def test_a_release_socket_connects_only_to_the_peer() -> None:
+    """Both ends check the kernel's record of who is at the other end: a
+    socket named for another process, or held by one, is refused."""
+    name, listener = listen()
+    me = current_owner()
+    other = Owner(me.pid + 1, me.start, me.ns, me.boot)
+    with listener:
+        with pytest.raises(DescriptorError, match="is not a release socket of the peer"):
+            connect(name, other)  # the name is not the peer's
+        with pytest.raises(DescriptorError, match="not a dask-shm name"):
+            connect("/tmp/x", me)
+        channel = connect(name, me)
+        assert accept(listener, other) is None  # we connected, not "other": closed
+        assert channel.read() == 0  # our end sees it hung up
+        channel.drop()
+        channel = connect(name, me)
+        theirs = accept(listener, me)
+        assert theirs is not None
+        channel.release()
+        assert theirs.read() == 1
+        for c in (channel, theirs):
+            c.drop()
+    with pytest.raises(ConnectionRefusedError):
+        connect(name, me)  # nobody listens any more
 
 
 def test_a_buffer_smaller_than_announced_is_refused_before_it_is_mapped(

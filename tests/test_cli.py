@@ -23,7 +23,7 @@ def dask_shm(*args: str) -> str:
 
 
 def test_status_and_sweep_remove_orphans_only() -> None:
-    dead = crash()  # left a buffer, a probe and a release pipe
+    dead = crash()  # left a buffer and a probe
     d = Directory(SHM_DIR)
     live = Buffer(d, 1 << 16)
     try:
@@ -32,7 +32,7 @@ def test_status_and_sweep_remove_orphans_only() -> None:
         for f in status["files"]:
             by_pid.setdefault(int(f["pid"]), []).append(f)
         assert {f["alive"] for f in by_pid[dead]} == {False}
-        assert sorted(f["kind"] for f in by_pid[dead]) == ["buffer", "probe", "release pipe"]
+        assert sorted(f["kind"] for f in by_pid[dead]) == ["buffer", "probe"]
         assert [f["size"] for f in by_pid[dead] if f["kind"] == "buffer"] == [1 << 20]
         me = int(live.name.split("-")[2])
         assert [(f["kind"], f["alive"]) for f in by_pid[me]] == [("buffer", True)]
@@ -46,11 +46,11 @@ def test_status_and_sweep_remove_orphans_only() -> None:
         assert "huge pages" in table and "buffer-size 64.0 MiB" in table
 
         dry = dask_shm("sweep", "--dry-run")
-        assert "would remove 3 orphaned file(s)" in dry
-        assert len([n for n in ours() if n.startswith(f"dask-shm-{dead}-")]) == 3
+        assert "would remove 2 orphaned file(s)" in dry
+        assert len([n for n in ours() if n.startswith(f"dask-shm-{dead}-")]) == 2
 
         swept = dask_shm("sweep")
-        assert "removed 3 orphaned file(s)" in swept
+        assert "removed 2 orphaned file(s)" in swept
         assert ours() == [live.name]
     finally:
         live.destroy()

@@ -679,19 +679,27 @@ def test_disabled_is_plain_tcp() -> None:
     assert not ours()
 
 
-def test_a_process_without_a_buffer_receives_but_sends_over_tcp() -> None:
+@pytest.mark.parametrize("single_copy", [True, False], ids=["single-copy", "buffer"])
+def test_a_process_without_a_buffer(single_copy: bool) -> None:
     """``buffer-size: 0`` in one process: it still reads what its peer sends
-    through shared memory, and sends over TCP itself."""
+    through shared memory; what it sends, its peer reads in place where
+    single copy is on (no buffer needed), else it goes over TCP."""
 
     async def main() -> dict[str, Any]:
         async with listen("shm://127.0.0.1:0", echo_server) as listener:
-            async with peer("client", listener.contact_address, buffer_size="0", threshold="64 KiB") as p:
+            async with peer(
+                "client", listener.contact_address, buffer_size="0", threshold="64 KiB",
+                single_copy=str(single_copy).lower(),
+            ) as p:
                 return await p.done()
 
-    with dask.config.set({"dask-shm.threshold": "64 KiB"}):
+    with dask.config.set({"dask-shm.threshold": "64 KiB", "dask-shm.single-copy": single_copy}):
         theirs = run(main())
-    assert theirs["linked"] and theirs.get("shm-messages", 0) == 0, theirs
-    assert theirs["tcp-messages"] >= 1 and theirs.get("buffer-bytes", 0) == 0, theirs
+    assert theirs["linked"] and theirs.get("buffer-bytes", 0) == 0, theirs
+    if single_copy:
+        assert theirs["single-copy-messages"] >= 1 and theirs.get("tcp-messages", 0) == 0, theirs
+    else:
+        assert theirs.get("shm-messages", 0) == 0 and theirs["tcp-messages"] >= 1, theirs
     assert stats.snapshot()["shm-messages"] == 2  # the echoes
 
 
@@ -868,7 +876,8 @@ def test_inline_fragments_alone_make_a_valid_message() -> None:
 def announcing(monkeypatch: pytest.MonkeyPatch, **fields: Any) -> Iterator[set[str]]:
     """Comms connecting to the addresses put into the yielded set announce
     ``fields`` in their handshake instead of their own (a callable value is
-    called with the real entry)."""
+    called with the real entry); ``release``, which only the accepting end
+    announces, is announced by the listener's end instead."""
     targets: set[str] = set()
     real = SHM.handshake_info
     real_negotiate = Handshake.negotiate
@@ -877,25 +886,27 @@ def announcing(monkeypatch: pytest.MonkeyPatch, **fields: Any) -> Iterator[set[s
 
     def handshake_info(self: SHM) -> dict[str, Any]:
         info = real(self)
-        if self.peer_address in targets and "dask-shm" in info:
+        connecting = self.initiator and self.peer_address in targets
+        accepting = not self.initiator and self.local_address in targets
+        if (connecting or accepting) and "dask-shm" in info:
             entry = info["dask-shm"]
             real_entry = dict(entry)
             for key, value in fields.items():
-                if key not in in_echo:
+                if key not in in_echo and connecting:
                     entry[key] = value(real_entry) if callable(value) else value
             self._handshake.tamper = real_entry  # type: ignore[union-attr]
         return info
 
-    async def negotiate(self: Handshake, remote: Any, write: Any, *args: Any) -> Any:
+    async def negotiate(self: Handshake, remote: Any, write: Any, *args: Any, accepting: bool) -> Any:
         entry = getattr(self, "tamper", None)
 
         async def tampered(msg: Any) -> Any:
-            if entry is not None and isinstance(msg, dict) and "dask-shm-echo" in msg:
+            if entry is not None and accepting and isinstance(msg, dict) and "dask-shm-echo" in msg:
                 for key in in_echo & set(fields):
                     msg[key] = fields[key](entry) if callable(fields[key]) else fields[key]
             return await write(msg)
 
-        return await real_negotiate(self, remote, tampered, *args)
+        return await real_negotiate(self, remote, tampered, *args, accepting=accepting)
 
     monkeypatch.setattr(SHM, "handshake_info", handshake_info)
     monkeypatch.setattr(Handshake, "negotiate", negotiate)
@@ -939,6 +950,7 @@ ME = current_owner()
         pytest.param({"buffer": 42}, id="buffer-not-a-name"),
         pytest.param({"release": "/etc/passwd"}, id="release-path"),
         pytest.param({"release": lambda e: e["buffer"]}, id="release-is-the-buffer"),
+        pytest.param({"release": lambda e: new_name("r")}, id="release-nobody-listens"),
         pytest.param({"size": -1}, id="size-negative"),
         pytest.param({"size": "64 MiB"}, id="size-a-string"),
         pytest.param({"owner": [ME.pid + 1, ME.start, ME.ns, ME.boot]}, id="owner-another-process"),
@@ -956,7 +968,7 @@ def test_a_bad_handshake_is_refused_and_the_comm_is_plain_tcp(
     assert mine is None and theirs is None
     counts = stats.snapshot()
     # Who the peer is (owner, probe) fails the proof; what a proven peer
-    # names (buffer, size, release pipe) fails when it is opened.
+    # names (buffer, size, release socket) fails when it is opened.
     failed = "no-probe" if {"owner", "probe"} & set(fields) else "not-opened"
     assert counts[f"handshake-{failed}"] == 2 and counts.get("shm-messages", 0) == 0, counts
 
@@ -986,11 +998,6 @@ def plant(kind: str, what: str, outside: Path) -> str:
     if what == "symlink":
         os.symlink(outside, path)
         return name
-    if kind == "r" and what != "regular":
-        os.mkfifo(path, 0o600)
-        if what == "group-writable":
-            os.chmod(path, 0o620)
-        return name
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     os.posix_fallocate(fd, 0, BUFFER)
     if what == "group-readable":
@@ -1014,13 +1021,10 @@ needs_root = pytest.mark.skipif(not is_root(), reason="chown to another uid need
         ("b", "group-readable"),
         pytest.param("b", "other-uid", marks=needs_root),
         ("b", "fifo"),
-        ("r", "symlink"),
-        ("r", "regular"),
-        ("r", "group-writable"),
         ("b", "valid"),  # the control: a file the receiver accepts
     ],
 )
-def test_a_planted_buffer_or_release_pipe_is_refused(
+def test_a_planted_buffer_is_refused(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, shm_config: None, kind: str, what: str
 ) -> None:
     """A peer names one of its own files at the handshake, but the file is a
@@ -1028,28 +1032,16 @@ def test_a_planted_buffer_or_release_pipe_is_refused(
     of another uid or of the wrong type: the receiver refuses it on what it
     opened, and the comm is plain TCP with correct data."""
     outside = tmp_path / "outside"
-    if kind == "r":
-        os.mkfifo(outside, 0o600)
-        keep = os.open(outside, os.O_RDONLY | os.O_NONBLOCK)
-    else:
-        outside.write_bytes(b"o" * 4096)
-        keep = -1
+    outside.write_bytes(b"o" * 4096)
     if what == "fifo":
         name = new_name("b")
         os.mkfifo(os.path.join(SHM_DIR, name), 0o600)
     else:
         name = plant(kind, what, outside)
-    readers = []
-    if kind == "r" and what != "symlink" and what != "regular":
-        readers.append(os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | os.O_NONBLOCK))
     try:
-        field = "buffer" if kind == "b" else "release"
-        with announcing(monkeypatch, **{field: name}) as targets:
+        with announcing(monkeypatch, buffer=name) as targets:
             mine, theirs, back = run(handshake_with(targets, send=what != "valid"))
     finally:
-        for fd in [keep, *readers]:
-            if fd >= 0:
-                os.close(fd)
         d = Directory(SHM_DIR)
         for n in ours():
             d.unlink(n)
@@ -1059,8 +1051,7 @@ def test_a_planted_buffer_or_release_pipe_is_refused(
         return
     np.testing.assert_array_equal(back, np.arange(10**6))
     assert mine is None and theirs is None
-    if kind == "b":
-        assert outside.read_bytes() == b"o" * 4096
+    assert outside.read_bytes() == b"o" * 4096
 
 
 @pytest.mark.buffer

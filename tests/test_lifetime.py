@@ -36,19 +36,19 @@ from .conftest import SHM_DIR, is_root, ours, peer, root_only, until, wait_for
 from .peers import payload
 from .test_comm import echo_server
 
-#: Leaves a buffer, a probe and a release pipe, then dies by SIGKILL: no
+#: Leaves a buffer and a probe, then dies by SIGKILL: no
 #: exit handler runs.
 CRASHER = textwrap.dedent(
     """
     import os, signal, sys
     from dask_shm.buffers import Buffer
     from dask_shm.host import create_probe
-    from dask_shm.names import Directory, new_name
+    from dask_shm.names import Directory
+    from dask_shm.outbox import Outboxes
     d = Directory(sys.argv[1])
-    b = Buffer(d, 1 << 20)
+    b = Buffer(d, 1 << 20, Outboxes())
     b.fill()
     create_probe(d)
-    os.mkfifo(new_name("r"), 0o600, dir_fd=d.fd)
     print(os.getpid(), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
     """
@@ -67,7 +67,7 @@ def test_janitor_removes_what_a_killed_process_left() -> None:
     """kill -9 skips every exit handler; the janitor removes what is left."""
     pid = crash()
     left = [n for n in ours() if n.startswith(f"dask-shm-{pid}-")]
-    assert sorted(n.split("-")[6] for n in left) == ["b", "p", "r"]
+    assert sorted(n.split("-")[6] for n in left) == ["b", "p"]
     d = Directory(SHM_DIR)
     try:
         infos = [i for i in list_files(d) if i.owner.pid == pid]
@@ -310,12 +310,12 @@ def _three_comms_in(
 
 
 @root_only
-def test_no_inode_for_a_release_pipe_is_tcp_for_that_link_and_warns_once(
+def test_a_link_needs_no_inode_beyond_the_probe_and_the_buffer(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Inodes enough for this process's probe and buffer, none for a release
-    pipe (made once a peer is proven): its comms are TCP, intact, with one
-    warning, and the handshake does not fail."""
+    """Inodes enough for this process's probe and buffer, none more: links
+    still form (their release sockets live in no directory) and carry
+    messages through shared memory, with nothing logged."""
     x = np.arange(10**6)  # 8 MB
     with tmpfs(tmp_path, "size=256m,nr_inodes=64") as mnt:
         taken = []
@@ -329,11 +329,30 @@ def test_no_inode_for_a_release_pipe_is_tcp_for_that_link_and_warns_once(
         for f in taken[-2:]:  # room for the probe and the buffer
             f.unlink()
 
-        said = _three_comms_in(mnt, x, caplog)
-        assert len(said) == 1 and "release pipe" in said[0], said
-        assert stats.snapshot().get("shm-messages", 0) == 0
-        assert stats.snapshot()["fallback-no-pipe"] >= 1
+        said = _three_comms_in(mnt, x, caplog, linked=True)
+        assert said == []
+        assert stats.snapshot()["shm-messages"] >= 6
         assert not of_ours(mnt)
+
+
+def test_no_release_socket_is_tcp_for_that_link_and_warns_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """The accepting end cannot create a release socket (out of descriptors,
+    injected): its comms are linked but send everything over TCP, intact,
+    with one warning."""
+    import errno
+
+    from dask_shm import handshake
+
+    def no_socket() -> Any:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(handshake, "listen", no_socket)
+    said = _three_comms_in(Path(SHM_DIR), np.arange(10**6), caplog)
+    assert len(said) == 1 and "release socket" in said[0], said
+    assert stats.snapshot().get("shm-messages", 0) == 0
+    assert stats.snapshot()["fallback-no-channel"] == 3
 
 
 def _occupy(path: Path, nbytes: int) -> None:

@@ -412,7 +412,7 @@ def _mine() -> list[str]:
 def test_peer_dying_during_the_handshake_leaves_nothing(side: str) -> None:
     """What the kill -9 rounds once found, reproduced deterministically: the
     peer of an shm:// comm dies in the middle of the handshake (after our
-    probe and release pipe were created and named to it, before it
+    probe was named to it, before it
     answered).  None of our files may outlive the failed comm: the janitor
     never removes a live process's files, so in a long-lived scheduler they
     would pile up."""
@@ -458,7 +458,7 @@ def test_peer_dying_during_the_handshake_leaves_nothing(side: str) -> None:
 
 def test_a_peer_killed_in_the_handshake_leaves_none_of_its_files() -> None:
     """A connecting process is killed (SIGKILL) once it has named its probe,
-    buffer and release pipe to us and read ours.  No link to it ever
+    buffer to us and read ours.  No link to it ever
     exists, so no link's end would sweep its files, and a long-lived
     scheduler may never see another process start (whose janitor would):
     the failed handshake sweeps them."""
@@ -771,7 +771,7 @@ FD_TOLERANCE = 16
 @pytest.mark.xfail(
     strict=False,
     reason="distributed's connection pools may open a comm during the run: each live "
-    "link holds two release-pipe descriptors, so the count can grow without a leak "
+    "link holds a release-socket descriptor, so the count can grow without a leak "
     "(test_comm.py::test_closed_comms_leave_no_descriptors_while_others_stay_open is "
     "the deterministic check)",
 )
@@ -885,11 +885,6 @@ SWAPS = [
     pytest.param("b", "symlink", id="buffer-symlink"),
     pytest.param("b", "directory", id="buffer-directory"),
     pytest.param("b", "smaller", id="buffer-smaller"),
-    pytest.param("r", None, id="release-control"),
-    pytest.param("r", "regular", id="release-regular"),
-    pytest.param("r", "group-fifo", id="release-group-writable"),
-    pytest.param("r", "symlink", id="release-symlink"),
-    pytest.param("r", "directory", id="release-directory"),
 ]
 
 
@@ -898,12 +893,11 @@ SWAPS = [
 def test_a_file_swapped_after_the_handshake_named_it(
     kind: str, swap: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A peer names a valid buffer (regular, 0600, fully allocated) or a
-    valid live release FIFO of its own at the handshake; after the receiver
-    has the handshake but before it opens the name, the file under it is
-    replaced (group-readable, another uid, hard-linked, a FIFO, a symlink
-    out of the directory, a directory, a smaller file; a regular file, a
-    group-writable FIFO...).  The receiver's checks run on what it actually
+    """A peer names a valid buffer (regular, 0600, fully allocated) of its
+    own at the handshake; after the receiver has the handshake but before
+    it opens the name, the file under it is replaced (group-readable,
+    another uid, hard-linked, a FIFO, a symlink out of the directory, a
+    directory, a smaller file).  The receiver's checks run on what it actually
     opened, so it refuses the swapped file and the comm is plain TCP with
     right data; a buffer smaller than announced is refused when it would be
     mapped, with a CommClosedError naming the sizes; the symlink's target
@@ -912,29 +906,20 @@ def test_a_file_swapped_after_the_handshake_named_it(
     name = new_name(kind)
     path = os.path.join(SHM_DIR, name)
     outside = tmp_path / "outside"
-    readers = []
-    if kind == "b":
-        _fallocated(path, BUFFER)
-        outside.write_bytes(b"o" * 4096)
-    else:
-        os.mkfifo(path, 0o600)
-        os.mkfifo(outside, 0o600)
-        readers.append(os.open(outside, os.O_RDONLY | os.O_NONBLOCK))  # a live FIFO
-        readers.append(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+    readers: list[int] = []
+    _fallocated(path, BUFFER)
+    outside.write_bytes(b"o" * 4096)
     before = outside.stat()
-    field = "buffer" if kind == "b" else "release"
+    field = "buffer"
     swapped = []
     listening: set[str] = set()
     real_negotiate = SHM._negotiate
 
     async def negotiate(self: SHM, remote: Any) -> None:
         # The receiver (the listener's end) has been named the buffer (in
-        # the first message) and is about to be named the release pipe (in
-        # the second); it opens both after that.
+        # the first message); it opens it after the second.
         if swap is not None and self.local_address in listening and not swapped:
             _swap(swap, path, outside)  # between receiving the name and opening it
-            if swap == "group-fifo":
-                readers.append(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
             swapped.append(swap)
         await real_negotiate(self, remote)
 
@@ -993,8 +978,7 @@ def test_a_file_swapped_after_the_handshake_named_it(
     after = outside.stat()
     assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
     if swap is None:
-        link_file = theirs.inbox.peer.name if kind == "b" else None
-        assert theirs is not None and (kind == "r" or link_file == name)
+        assert theirs is not None and theirs.inbox.peer.name == name
     elif swap == "smaller":  # accepted at the handshake, refused before mapping
         assert isinstance(err, CommClosedError), repr(err)
         assert f"holds {BUFFER // 2} bytes, not the {BUFFER}" in str(err), str(err)
