@@ -30,6 +30,7 @@ TITLES = {
     "transfers": "## Transfers",
     "cold": "## Cold",
     "memory": "## Memory",
+    "holders": "## Data held by several workers",
     "joblib": "## joblib",
 }
 
@@ -86,6 +87,8 @@ def _hand_made_run() -> Run:
         case("memory", "RSS growth", 4 * 10**8,
              {t: {"sender": [0.5, 0.0], "receiver": [1.0, 1.0], "shm directory": [0.0, 0.0]}
               for t in ("tcp", "shm")}, paired=False),
+        case("holders", "broadcast scatter", 4 * 10**8,
+             {t: {"wall": [0.5, 0.6], "memory": [3.0, 3.0]} for t in ("tcp", "shm", "tcp again")}),
         case("joblib", "result", 4 * 10**8, {t: {"wall": [0.2, 0.3]} for t in
                                               ("loky", "dask tcp", "dask shm")}),
     ]
@@ -240,6 +243,8 @@ def test_quick_run_covers_every_section_and_its_report_regenerates(tmp_path: Pat
         if c["section"] in ("memory", "joblib") or c["name"] == "memcpy":
             continue
         extra = set()
+        if c["section"] == "holders":
+            extra = {"tcp again"}
         if c["section"] == "workloads":
             extra = {CONTROL, NO_TRANSFER} if c["name"].startswith("futures") else {CONTROL}
         assert set(c["samples"]) == {"tcp", "shm"} | extra, c["name"]

@@ -12,6 +12,8 @@ Sections:
              size, with memcpy as the physical bound
   cold       a fresh cluster's first worker->worker transfer
   memory     RSS of sender and receiver across a transfer
+  holders    host memory and wall time when several workers hold the same
+             data (a broadcast scatter; an array read on every worker)
   joblib     joblib's loky backend against its dask backend on each cluster
 
 The workloads section then runs again with ``dask-shm.single-copy: false``
@@ -41,7 +43,7 @@ __all__ = ["main", "SECTIONS"]
 #: In the order they run.  Cold samples but the last start their own
 #: clusters first; the last is the first transfer of the tcp:// and shm://
 #: clusters every later section shares.
-SECTIONS = ("transfers", "cold", "workloads", "mixed", "memory", "joblib")
+SECTIONS = ("transfers", "cold", "workloads", "mixed", "memory", "holders", "joblib")
 
 #: Defaults of a full run, and of --quick.
 FULL: dict[str, Any] = {
@@ -78,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="process workers per cluster (default %(default)s)")
     p.add_argument("--sizes", help=f"payloads of the transfers section (default {FULL['sizes']})")
     p.add_argument("--large",
-                   help=f"payload of the mixed, cold, memory and joblib sections (default {FULL['large']})")
+                   help=f"payload of the mixed, cold, memory, holders and joblib sections (default {FULL['large']})")
     p.add_argument("--workload-size",
                    help=f"about how much data each workload moves or holds (default {FULL['workload_size']})")
     p.add_argument("--cold-samples", type=int,
@@ -125,7 +127,7 @@ class _Progress:
 
 def run(o: dict[str, Any]) -> Any:
     """Measure the selected sections; returns a :class:`~dask_shm.bench.results.Run`."""
-    from dask_shm.bench import joblib_case, memory, mixed, transfers, workloads
+    from dask_shm.bench import holders, joblib_case, memory, mixed, transfers, workloads
     from dask_shm.bench.buffer import run_through_buffer
     from dask_shm.bench.clusters import cluster_pair, local_cluster
     from dask_shm.bench.machine import machine_info
@@ -171,6 +173,9 @@ def run(o: dict[str, Any]) -> Any:
         steps.append(("mixed sequence", lambda c: mixed.mixed(c, o["large"], reps, pause)))
     if "memory" in sections:
         steps.append(("memory", lambda c: memory.rss_across_transfers(c, o["large"], 3)))
+    if "holders" in sections:
+        steps.append(("data held by several workers: starting a control tcp:// cluster",
+                      lambda c: holders.several_holders(c, o["large"], reps, o["workers"])))
     if "joblib" in sections:
         try:
             import joblib  # type: ignore[import-untyped]  # noqa: F401

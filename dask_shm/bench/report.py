@@ -205,6 +205,18 @@ def memory_table(cases: list[Case]) -> str:
     return _table(head, rows)
 
 
+def holders_table(cases: list[Case]) -> str:
+    from dask_shm.bench.holders import CONTROL
+
+    head = ["case", "size", "host memory growth tcp / shm (x payload)", "tcp ms", "shm ms",
+            "wall tcp/shm", f"noise ({CONTROL})"]
+    rows = [[c.name, fmt_size(c.nbytes),
+             f"{_frac(c.median('tcp', 'memory'))} / {_frac(c.median('shm', 'memory'))}",
+             _ms(c.median("tcp")), _ms(c.median("shm")), _x(c.ratio("tcp", "shm")),
+             _x(c.ratio("tcp", CONTROL))] for c in cases]
+    return _table(head, rows)
+
+
 def joblib_table(cases: list[Case]) -> str:
     labels = _ordered(list(dict.fromkeys(t for c in cases for t in c.transports)))
     head = ["call", "size", *(f"{t} ms" for t in labels), "loky/dask shm", "dask tcp/shm"]
@@ -264,6 +276,15 @@ _SECTIONS: dict[str, tuple[str, str, Callable[[Run], str]]] = {
         "of the payload; the receiver keeps the data (ideal: sender +0, receiver +1). The first "
         "round is this section's first: the clusters have run the sections before it.",
         lambda r: memory_table(r.section("memory")),
+    ),
+    "holders": (
+        "Data held by several workers",
+        "Host memory (the cluster processes' private PSS plus the host's Shmem, counted once) "
+        "grown by a broadcast scatter to every worker, and by an array made on one worker and "
+        "read by a task on every worker, as multiples of the payload; a copy per holder is 1 "
+        "per worker. Wall times are medians; the ratio is the median of paired ratios, beside "
+        "the same ratio between two tcp:// clusters.",
+        lambda r: holders_table(r.section("holders")),
     ),
     "joblib": (
         "joblib backends, one call",

@@ -1,0 +1,137 @@
+"""Data held by several workers: host memory and wall time.
+
+Two cases, each on every cluster (the tcp:// and shm:// pair, and a second
+tcp:// cluster as the A/A control), repetitions interleaved:
+
+- **broadcast**: ``client.scatter(x, broadcast=True)``, a payload the client
+  made beforehand, to every worker;
+- **read on every worker**: an array made on one worker, then a task on
+  every worker reads it; the replicas stay, as a lookup table's do.
+
+Host memory is what the host spends on the cluster's processes: the private
+PSS of every worker and of this process (schedulers and clients;
+``Pss - Pss_Shmem`` from ``smaps_rollup``), plus the host's ``Shmem``
+(``/proc/meminfo``: shared memory counted once, whoever maps it).  Its
+growth across the operation is reported as a multiple of the payload, the
+array's making included in the second case (not the client's payload in
+the first: it is the user's): a copy per holder is 1.0 per worker that
+holds it; one copy per host would be about 1.0 in all.  Dask's active memory manager is paused meanwhile (it would drop the
+replicas being counted).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from dask_shm.bench.clusters import local_cluster, n_tasks, settle, workers
+from dask_shm.bench.paired import interleaved
+from dask_shm.bench.results import Case
+
+__all__ = ["CONTROL", "several_holders", "host_memory"]
+
+SECTION = "holders"
+#: The A/A control: a second tcp:// cluster.
+CONTROL = "tcp again"
+
+
+def _private_pss() -> int:
+    """This process's PSS without its shared-memory pages, in bytes."""
+    fields = {}
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].endswith(":"):
+                fields[parts[0][:-1]] = int(parts[1]) * 1024
+    return fields.get("Pss", 0) - fields.get("Pss_Shmem", 0)
+
+
+def _host_shmem() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def host_memory(client: Any) -> int:
+    """The cluster's private PSS (workers and this process) plus the
+    host's Shmem, in bytes."""
+    gc.collect()
+    return sum(client.run(_private_pss).values()) + _private_pss() + _host_shmem()
+
+
+def _read(x: np.ndarray) -> int:
+    return int(x[::4096].sum())
+
+
+def _broadcast(client: Any, nbytes: int) -> dict[str, float]:
+    """The client's own payload, made before the first reading, scattered
+    to every worker."""
+    from distributed import wait
+
+    count = n_tasks(client)
+    x = np.ones(nbytes, dtype=np.uint8)
+    before = host_memory(client)
+    t0 = time.perf_counter()
+    out = client.scatter(x, broadcast=True)
+    wait(out)
+    wall = time.perf_counter() - t0
+    after = host_memory(client)
+    del out, x
+    settle(client, count)
+    return {"wall": wall, "memory": (after - before) / nbytes}
+
+
+def _read_everywhere(client: Any, nbytes: int) -> dict[str, float]:
+    """An array made on the first worker after the first reading (it is
+    counted: the data exists once on the host at least), then read by a
+    task on every worker; only the reads are timed."""
+    from distributed import wait
+
+    count = n_tasks(client)
+    ws = workers(client)
+    before = host_memory(client)
+    x = client.submit(np.ones, nbytes, dtype=np.uint8, workers=ws[:1], pure=False)
+    wait(x)
+    t0 = time.perf_counter()
+    ys = [client.submit(_read, x, workers=[w], pure=False) for w in ws]
+    wait(ys)
+    wall = time.perf_counter() - t0
+    after = host_memory(client)
+    del x, ys
+    settle(client, count)
+    return {"wall": wall, "memory": (after - before) / nbytes}
+
+
+CASES: dict[str, Callable[[Any, int], dict[str, float]]] = {
+    "broadcast scatter": _broadcast,
+    "read on every worker": _read_everywhere,
+}
+
+
+def several_holders(clients: dict[str, Any], nbytes: int, reps: int, n_workers: int) -> list[Case]:
+    """Both cases on ``clients`` and an A/A control cluster, ``reps``
+    repetitions after a warm-up, interleaved."""
+    cases = []
+    with local_cluster("tcp", n_workers) as control:
+        every = {**clients, CONTROL: control}
+        amm = {s: c.amm.running() for s, c in every.items()}
+        for c in every.values():
+            c.amm.stop()
+        try:
+            for name, make in CASES.items():
+                case = Case(SECTION, name, nbytes)
+                for rep in range(reps + 1):
+                    for s in interleaved(list(every), rep):
+                        case.add(s, make(every[s], nbytes), warmup=rep == 0)
+                cases.append(case)
+        finally:
+            for s, c in every.items():
+                if amm[s]:
+                    c.amm.start()
+    return cases
