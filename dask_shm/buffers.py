@@ -144,11 +144,10 @@ def map_shared(fd: int, size: int, *, writable: bool) -> np.ndarray:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
     raw = (ctypes.c_char * size).from_address(address)
-    weakref.finalize(raw, _libc.munmap, address, size)
-    view = np.frombuffer(memoryview(raw), dtype=np.uint8)  # keeps ``raw`` alive
-    if not writable:
-        view.flags.writeable = False
-    return view
+    # Not at exit: a thread may still read a view then; the kernel unmaps.
+    weakref.finalize(raw, _libc.munmap, address, size).atexit = False
+    memory = memoryview(raw) if writable else memoryview(raw).toreadonly()
+    return np.frombuffer(memory, dtype=np.uint8)  # keeps ``raw`` alive
 
 
 class Buffer:

@@ -339,18 +339,21 @@ class Handshake:
     ) -> Link:
         host = self.host
         ours = host.buffer
-        if channel is not None and ours is not None and not reads_us:
-            # Messages to this peer go through the buffer: fill it now (once
-            # per process; a link that reads in place never needs it).  If
-            # there is no room, the link's messages try again, one by one.
-            try:
+        try:
+            if channel is not None and ours is not None and not reads_us:
+                # Messages to this peer go through the buffer: fill it now
+                # (once per process; a link that reads in place never needs
+                # it).  If there is no room, the link's messages try again,
+                # one by one.
                 await offload(host.fill)
                 if closed():  # aborted meanwhile (a listener stopping)
                     raise CommClosedError("closed during the handshake")
-            except BaseException:  # nothing of this link may stay
-                _let_go(host, buffer, channel)
-                host.release()
-                raise
+            if self._abandoned:  # the comm was aborted, which gave our use back
+                raise CommClosedError("aborted during the handshake")
+        except BaseException:  # nothing of this link may stay
+            _let_go(host, buffer, channel)
+            self.abandon()  # our use of the host, unless the abort gave it back
+            raise
         outbox = inbox = None
         if channel is not None:
             if ours is not None or reads_us:

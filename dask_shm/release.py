@@ -33,7 +33,7 @@ __all__ = ["WINDOW", "Channel", "listen", "connect", "accept", "open_sockets"]
 #: writer's send buffer as a whole packet (about 770 bytes on x86-64 Linux
 #: 6.x), and the default send buffer (``net.core.wmem_default``, 208 KiB)
 #: holds about 270 of them, so twice this window fits
-#: (tests/test_release.py checks it on the host that runs the tests).  Each
+#: (tests/test_buffers.py checks it on the host that runs the tests).  Each
 #: message read in place is one entry and a message through the buffer has at
 #: most two regions in flight, so a link reaches it only with over a hundred
 #: large messages written and not yet read; the next one then waits (buffer)
@@ -98,7 +98,9 @@ class Channel:
                 self.sock.send(b"\0")
                 return
             except BlockingIOError:
-                select.select([], [self.fd], [])
+                poller = select.poll()
+                poller.register(self.fd, select.POLLOUT)
+                poller.poll()
             except (BrokenPipeError, ConnectionResetError):
                 return
 
@@ -153,7 +155,8 @@ def connect(name: object, peer: Owner) -> Channel:
 
 def accept(listener: socket.socket, peer: Owner) -> Channel | None:
     """The connection ``peer`` made to our listening release socket, or None
-    if it has not connected; connections of anyone else are closed."""
+    if it has not connected or cannot be accepted (out of descriptors: the
+    comm is then TCP); connections of anyone else are closed."""
     while True:
         try:
             sock, _ = listener.accept()
@@ -162,9 +165,12 @@ def accept(listener: socket.socket, peer: Owner) -> Channel | None:
         except OSError as e:
             if e.errno in (errno.ECONNABORTED, errno.EPROTO):
                 continue
-            raise
-        if _stranger(sock, peer) is None:
-            return Channel(sock)
+            return None
+        try:
+            if _stranger(sock, peer) is None:
+                return Channel(sock)
+        except OSError:
+            pass
         sock.close()
 
 

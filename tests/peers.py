@@ -470,10 +470,57 @@ async def fork_then_hang_up(args: list[str]) -> None:
     done()
 
 
+def abort_handshake(args: list[str]) -> None:
+    """Hold this process's host (as a live link would), then stop a listener
+    while the handshake of a connection to it waits for the buffer to be
+    filled (a 256 MiB buffer): the stop aborts that comm mid-handshake.
+    Report the host's users before and after (only our hold may remain)
+    and whether it closed under that hold."""
+    import gc
+
+    import dask
+
+    from dask_shm.config import settings
+    from dask_shm.host import Host
+    from tests.conftest import until
+
+    async def scenario() -> dict[str, Any]:
+        async def never(comm: Comm) -> None:  # not reached: aborted in its handshake
+            await comm.close()
+
+        conf = settings()
+        host = Host.acquire(conf.directory, conf.buffer_size)
+        try:
+            users = host.users
+            listener = await listen("shm://127.0.0.1:0", never)
+            connecting = asyncio.ensure_future(connect(listener.contact_address, timeout=2))
+            while not host.filling:
+                await asyncio.sleep(0.001)
+            listener.stop()  # as a Server closing does (distributed core.py):
+            listener.abort_handshaking_comms()  # aborts the comm waiting for the fill
+            try:
+                await connecting
+                outcome = "connected"
+            except (CommClosedError, OSError):
+                outcome = "refused"
+            await until(lambda: not host.filling and host.users <= users, 30)
+            return {"outcome": outcome, "users before": users, "users after": host.users,
+                    "closed": host.closed}
+        finally:
+            if not host.closed:
+                host.release()
+
+    with dask.config.set({"dask-shm.buffer-size": "256 MiB"}):
+        got = asyncio.run(scenario())
+    gc.collect()
+    done(**got)
+
+
 ROLES = {
     f.__name__.replace("_", "-"): f
     for f in (echo, client, send, write_and_end, receive, serve_send, serve_receive, hold,
-              announce_size, offload, mid_stream, cancel_handshake, fork_then_hang_up)
+              announce_size, offload, mid_stream, cancel_handshake, abort_handshake,
+              fork_then_hang_up)
 }
 
 def become(uid: int | None, dumpable: bool | None) -> None:

@@ -593,6 +593,7 @@ def test_a_release_socket_connects_only_to_the_peer() -> None:
             c.drop()
     with pytest.raises(ConnectionRefusedError):
         connect(name, me)  # nobody listens any more
+    assert accept(listener, me) is None  # an accept that fails is no link, not an error
 
 
 def test_a_buffer_smaller_than_announced_is_refused_before_it_is_mapped(

@@ -491,6 +491,23 @@ def test_a_handshake_cancelled_while_the_buffer_fills_leaves_nothing() -> None:
     assert got["users"] == 0 and got["files"] == [] and got["fds"] == [], got
 
 
+@pytest.mark.buffer
+def test_a_handshake_aborted_while_the_buffer_fills_gives_its_use_back_once() -> None:
+    """In a process of its own: a listener stopping aborts a comm whose
+    handshake waits for the buffer to be filled; the abort gives the
+    handshake's use of the host back, and the handshake's own error path
+    must not give it back again (it did: the host then closed under a live
+    link, unpinning what its peer might still read)."""
+
+    async def main() -> dict[str, Any]:
+        async with peer("abort-handshake") as p:
+            return await p.done()
+
+    got = run(main())
+    assert got["users after"] == got["users before"] and not got["closed"], got
+    assert got["outcome"] == "refused", got
+
+
 # =============================================================================
 # 3. Another host: own network and own /dev/shm
 
