@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from dask_shm.bench.clusters import local_cluster, n_tasks, settle, workers
+from dask_shm.bench.machine import proc_sizes
 from dask_shm.bench.paired import interleaved
 from dask_shm.bench.results import Case
 
@@ -41,71 +42,68 @@ CONTROL = "tcp again"
 
 def _private_pss() -> int:
     """This process's PSS without its shared-memory pages, in bytes."""
-    fields = {}
-    with open("/proc/self/smaps_rollup") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 2 and parts[0].endswith(":"):
-                fields[parts[0][:-1]] = int(parts[1]) * 1024
-    return fields.get("Pss", 0) - fields.get("Pss_Shmem", 0)
-
-
-def _host_shmem() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("Shmem:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    sizes = proc_sizes("/proc/self/smaps_rollup")
+    return sizes.get("Pss", 0) - sizes.get("Pss_Shmem", 0)
 
 
 def host_memory(client: Any) -> int:
     """The cluster's private PSS (workers and this process) plus the
     host's Shmem, in bytes."""
     gc.collect()
-    return sum(client.run(_private_pss).values()) + _private_pss() + _host_shmem()
+    shmem = proc_sizes("/proc/meminfo").get("Shmem", 0)
+    return sum(client.run(_private_pss).values()) + _private_pss() + shmem
 
 
 def _read(x: np.ndarray) -> int:
     return int(x[::4096].sum())
 
 
-def _broadcast(client: Any, nbytes: int) -> dict[str, float]:
-    """The client's own payload, made before the first reading, scattered
-    to every worker."""
+def _measured(client: Any, nbytes: int, make: Callable[[], Any], op: Callable[[Any], Any],
+              made_counts: bool) -> dict[str, float]:
+    """Make the data (``made_counts``: after the first reading of host
+    memory), then time ``op`` on it; host memory growth as a multiple of
+    ``nbytes``, and the wall time of ``op``."""
     from distributed import wait
 
     count = n_tasks(client)
-    x = np.ones(nbytes, dtype=np.uint8)
+    made = None if made_counts else make()
     before = host_memory(client)
+    if made_counts:
+        made = make()
     t0 = time.perf_counter()
-    out = client.scatter(x, broadcast=True)
+    out = op(made)
     wait(out)
     wall = time.perf_counter() - t0
     after = host_memory(client)
-    del out, x
+    del out, made
     settle(client, count)
     return {"wall": wall, "memory": (after - before) / nbytes}
+
+
+def _broadcast(client: Any, nbytes: int) -> dict[str, float]:
+    """The client's own payload (the user's: not counted) scattered to
+    every worker."""
+    return _measured(client, nbytes, lambda: np.ones(nbytes, dtype=np.uint8),
+                     lambda x: client.scatter(x, broadcast=True), made_counts=False)
 
 
 def _read_everywhere(client: Any, nbytes: int) -> dict[str, float]:
-    """An array made on the first worker after the first reading (it is
-    counted: the data exists once on the host at least), then read by a
-    task on every worker; only the reads are timed."""
+    """An array made on the first worker (counted: the data exists once on
+    the host at least), then read by a task on every worker; only the reads
+    are timed."""
     from distributed import wait
 
-    count = n_tasks(client)
     ws = workers(client)
-    before = host_memory(client)
-    x = client.submit(np.ones, nbytes, dtype=np.uint8, workers=ws[:1], pure=False)
-    wait(x)
-    t0 = time.perf_counter()
-    ys = [client.submit(_read, x, workers=[w], pure=False) for w in ws]
-    wait(ys)
-    wall = time.perf_counter() - t0
-    after = host_memory(client)
-    del x, ys
-    settle(client, count)
-    return {"wall": wall, "memory": (after - before) / nbytes}
+
+    def make() -> Any:
+        x = client.submit(np.ones, nbytes, dtype=np.uint8, workers=ws[:1], pure=False)
+        wait(x)
+        return x
+
+    def op(x: Any) -> Any:
+        return [client.submit(_read, x, workers=[w], pure=False) for w in ws]
+
+    return _measured(client, nbytes, make, op, made_counts=True)
 
 
 CASES: dict[str, Callable[[Any, int], dict[str, float]]] = {

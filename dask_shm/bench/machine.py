@@ -15,7 +15,7 @@ import platform
 import sys
 from typing import Any
 
-__all__ = ["machine_info", "loopback_rx_bytes"]
+__all__ = ["machine_info", "loopback_rx_bytes", "proc_sizes"]
 
 
 def _read(path: str) -> str | None:
@@ -33,11 +33,19 @@ def _cpu_model() -> str | None:
     return None
 
 
+def proc_sizes(path: str) -> dict[str, int]:
+    """The ``Name:  N kB`` lines of a ``/proc`` file (``meminfo``,
+    ``self/status``, ``self/smaps_rollup``), in bytes by name."""
+    out = {}
+    for line in (_read(path) or "").splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0].endswith(":") and parts[2] == "kB":
+            out[parts[0][:-1]] = int(parts[1]) * 1024
+    return out
+
+
 def _mem_total() -> int | None:
-    for line in (_read("/proc/meminfo") or "").splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    return None
+    return proc_sizes("/proc/meminfo").get("MemTotal")
 
 
 def _selected(setting: str | None) -> str | None:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from dask_shm.bench.clusters import TRANSPORTS, n_tasks, settle, workers
+from dask_shm.bench.machine import proc_sizes
 from dask_shm.bench.paired import interleaved
 from dask_shm.bench.results import Case
 
@@ -31,11 +32,7 @@ SECTION = "memory"
 
 
 def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return proc_sizes("/proc/self/status").get("VmRSS", 0)
 
 
 def _shm_used() -> int:
