@@ -102,11 +102,13 @@ def single_copy_verdict(enabled: bool) -> tuple[dict[str, Any], str]:
 def status(directory: str | None, as_json: bool) -> None:
     """Which path this host gives shm:// comms (single copy, tested between
     two processes, or the buffer), the directory's filesystem, free space
-    and huge pages; then dask-shm's files (buffers, probes):
-    owner, alive or orphaned, size, totals."""
+    and huge pages; then dask-shm's files (buffers, probes): owner, alive
+    or orphaned, size, totals; and the links' release sockets open on this
+    host's network namespace (they are not files)."""
     from dask_shm.config import settings
     from dask_shm.janitor import list_files
-    from dask_shm.names import KINDS, MEMORY_FILESYSTEMS, filesystem
+    from dask_shm.names import KINDS, MEMORY_FILESYSTEMS, filesystem, parse_name
+    from dask_shm.release import open_sockets
 
     d = _directory(directory)
     infos = list_files(d)
@@ -115,6 +117,7 @@ def status(directory: str | None, as_json: bool) -> None:
     huge = huge_pages(d.path)
     fs = filesystem(d.path)
     copy_facts, copy_line = single_copy_verdict(conf.single_copy)
+    sockets = sorted((parse_name(n)[0].pid, n) for n in open_sockets().values())
     if as_json:
         click.echo(
             json.dumps(
@@ -138,6 +141,7 @@ def status(directory: str | None, as_json: bool) -> None:
                         }
                         for i in infos
                     ],
+                    "release-sockets": [{"name": n, "pid": pid} for pid, n in sockets],
                 },
                 indent=2,
             )
@@ -154,6 +158,9 @@ def status(directory: str | None, as_json: bool) -> None:
         f"buffer-size {_fmt(conf.buffer_size)} per process with an shm:// comm, "
         f"fragment-size {_fmt(conf.fragment_size)}"
     )
+    if sockets:
+        pids = sorted({pid for pid, _ in sockets})
+        click.echo(f"release sockets: {len(sockets)} link ends, processes {', '.join(map(str, pids))}")
     by_pid: dict[int, list[Any]] = {}
     for i in infos:
         by_pid.setdefault(i.owner.pid, []).append(i)

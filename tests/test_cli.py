@@ -75,3 +75,34 @@ def test_status_with_single_copy_off_names_the_buffer_path() -> None:
                          timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["single-copy"]["path"] == "buffer"
+
+
+def test_status_lists_the_release_sockets_of_live_links() -> None:
+    """A link's release socket is no file: status finds it among the host's
+    sockets, both ends named for this process (a comm to itself), and none
+    once the comm has closed."""
+    import asyncio
+    import os
+
+    from distributed.comm import connect, listen
+
+    from .conftest import until
+    from .test_comm import echo_server
+
+    def mine() -> list[dict[str, object]]:  # (other processes may have links too)
+        listed = json.loads(dask_shm("status", "--json"))["release-sockets"]
+        return [s for s in listed if s["pid"] == os.getpid()]
+
+    async def main() -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+        async with listen("shm://127.0.0.1:0", echo_server) as listener:
+            comm = await connect(listener.contact_address)
+            await comm.write({"x": 1})
+            await comm.read()
+            during = await asyncio.get_running_loop().run_in_executor(None, mine)
+            await comm.close()
+        await until(lambda: not mine())
+        return during, mine()
+
+    during, after = asyncio.run(main())
+    assert len(during) == 2, during  # both ends of a comm to ourselves
+    assert after == []
