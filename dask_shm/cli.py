@@ -107,7 +107,7 @@ def status(directory: str | None, as_json: bool) -> None:
     host's network namespace (they are not files)."""
     from dask_shm.config import settings
     from dask_shm.janitor import list_files
-    from dask_shm.names import KINDS, MEMORY_FILESYSTEMS, filesystem, parse_name
+    from dask_shm.names import KINDS, MEMORY_FILESYSTEMS, filesystem
     from dask_shm.release import open_sockets
 
     d = _directory(directory)
@@ -117,7 +117,7 @@ def status(directory: str | None, as_json: bool) -> None:
     huge = huge_pages(d.path)
     fs = filesystem(d.path)
     copy_facts, copy_line = single_copy_verdict(conf.single_copy)
-    sockets = sorted((parse_name(n)[0].pid, n) for n in open_sockets().values())
+    sockets = sorted(_socket_owners(open_sockets().values()))
     if as_json:
         click.echo(
             json.dumps(
@@ -176,6 +176,21 @@ def status(directory: str | None, as_json: bool) -> None:
         f"total: {len(infos)} files, {_fmt(sum(i.size for i in infos))}; "
         f"orphaned: {len(orphaned)}, {_fmt(sum(i.size for i in orphaned))}"
     )
+
+
+def _socket_owners(names: Any) -> list[tuple[int, str]]:
+    """(owner pid, name) of the release sockets among ``names``; an
+    abstract socket that merely starts like ours is left out."""
+    from dask_shm.errors import DescriptorError
+    from dask_shm.names import parse_name
+
+    out = []
+    for name in names:
+        try:
+            out.append((parse_name(name)[0].pid, name))
+        except DescriptorError:
+            pass
+    return out
 
 
 @shm.command()

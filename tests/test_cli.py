@@ -106,3 +106,14 @@ def test_status_lists_the_release_sockets_of_live_links() -> None:
     during, after = asyncio.run(main())
     assert len(during) == 2, during  # both ends of a comm to ourselves
     assert after == []
+
+
+def test_status_ignores_a_socket_that_only_looks_like_ours() -> None:
+    """Any process may bind an abstract name starting with ``dask-shm-``:
+    status leaves it out rather than fail on it."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind("\0dask-shm-not-one-of-ours")
+        listed = json.loads(dask_shm("status", "--json"))["release-sockets"]
+    assert all("not-one-of-ours" not in entry["name"] for entry in listed), listed
