@@ -63,9 +63,12 @@ class Link:
     ) -> None:
         self.host = host
         self.peer = peer
-        #: Where our messages to the peer go (None: we have no buffer).
+        #: What the peer has not released of ours (None: nothing of ours goes
+        #: to it through shared memory: we have no buffer, and it cannot
+        #: read our memory).
         self.outbox = outbox
-        #: Where the peer's messages come from (None: it has no buffer).
+        #: The peer's buffer and our side of the release channel (None:
+        #: nothing of the peer's comes through shared memory).
         self.inbox = inbox
         #: The peer does not deserialize (a scheduler): what it receives is
         #: forwarded elsewhere, so the "shm" family must not be used for it.

@@ -53,7 +53,7 @@ class PeerBuffer:
         # O_NONBLOCK: a FIFO planted under the name must not block us.
         flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(self.name, flags, dir_fd=self._directory.fd)
-        problem = check_file(os.fstat(fd), "b")
+        problem = check_file(os.fstat(fd))
         if problem:
             os.close(fd)
             raise DescriptorError(f"refusing buffer {self.name}: {problem}")
@@ -137,8 +137,7 @@ class Inbox:
         the descriptor.  Blocking; safe in any thread."""
 
         peer = self.peer
-        if peer is None:
-            raise DescriptorError("the sender described a region of a buffer it did not announce")
+        assert peer is not None  # decode() refuses regions of a buffer never announced
 
         def copy() -> None:
             view = peer.map()

@@ -200,7 +200,7 @@ def check_name(name: object, owner: Owner, kind: str) -> str:
     return name
 
 
-def check_file(st: os.stat_result, kind: str) -> str | None:
+def check_file(st: os.stat_result) -> str | None:
     """Why a file a peer named is unacceptable, or None: it must be a regular
     file of our uid, owner-only, one link."""
     if not stat.S_ISREG(st.st_mode):

@@ -15,7 +15,6 @@ import gc
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -75,12 +74,13 @@ async def until(predicate: Callable[[], object], timeout: float = SETTLE) -> Non
         await asyncio.sleep(0.005)
 
 
-def our_fds(directory: str = SHM_DIR) -> list[str]:
-    """This process's descriptors on our files (buffers, probes, named or
-    unlinked), on the shm directory itself, and on release sockets."""
+def our_fds(directory: str = SHM_DIR, pid: int | str = "self") -> list[str]:
+    """A process's descriptors (this one's by default) on our files
+    (buffers, probes, named or unlinked), on the shm directory itself, and
+    on release sockets."""
     out = []
     sockets = open_sockets()
-    fd_dir = "/proc/self/fd"
+    fd_dir = f"/proc/{pid}/fd"
     for fd in os.listdir(fd_dir):
         try:
             target = os.readlink(f"{fd_dir}/{fd}")
@@ -95,9 +95,9 @@ def our_fds(directory: str = SHM_DIR) -> list[str]:
     return out
 
 
-def our_maps() -> list[str]:
-    """Mappings of our files in this process."""
-    with open("/proc/self/maps") as f:
+def our_maps(pid: int | str = "self") -> list[str]:
+    """Mappings of our files in a process (this one by default)."""
+    with open(f"/proc/{pid}/maps") as f:
         return [line.split(maxsplit=5)[5].strip() for line in f if PREFIX in line]
 
 
@@ -113,6 +113,15 @@ def _shm_comms_open() -> bool:
     from dask_shm.comm import SHM
 
     return any(isinstance(c, SHM) for c in _open_comms())
+
+
+@pytest.fixture(autouse=True)
+def warnings_fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with dask-shm's once-per-process warning unsaid, so
+    that "warned once" never depends on which test ran before."""
+    import dask_shm.host
+
+    monkeypatch.setattr(dask_shm.host, "_warned", False)
 
 
 @pytest.fixture(autouse=True)

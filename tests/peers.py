@@ -494,8 +494,7 @@ def abort_handshake(args: list[str]) -> None:
             users = host.users
             listener = await listen("shm://127.0.0.1:0", never)
             connecting = asyncio.ensure_future(connect(listener.contact_address, timeout=2))
-            while not host.filling:
-                await asyncio.sleep(0.001)
+            await until(lambda: host.filling, 30)
             listener.stop()  # as a Server closing does (distributed core.py):
             listener.abort_handshaking_comms()  # aborts the comm waiting for the fill
             try:

@@ -88,7 +88,7 @@ def _hand_made_run() -> Run:
              {t: {"sender": [0.5, 0.0], "receiver": [1.0, 1.0], "shm directory": [0.0, 0.0]}
               for t in ("tcp", "shm")}, paired=False),
         case("holders", "broadcast scatter", 4 * 10**8,
-             {t: {"wall": [0.5, 0.6], "memory": [3.0, 3.0]} for t in ("tcp", "shm", "tcp again")}),
+             {t: {"wall": [0.5, 0.6], "memory": [3.0, 3.0]} for t in ("tcp", "shm", CONTROL)}),
         case("joblib", "result", 4 * 10**8, {t: {"wall": [0.2, 0.3]} for t in
                                               ("loky", "dask tcp", "dask shm")}),
     ]
@@ -244,7 +244,7 @@ def test_quick_run_covers_every_section_and_its_report_regenerates(tmp_path: Pat
             continue
         extra = set()
         if c["section"] == "holders":
-            extra = {"tcp again"}
+            extra = {CONTROL}
         if c["section"] == "workloads":
             extra = {CONTROL, NO_TRANSFER} if c["name"].startswith("futures") else {CONTROL}
         assert set(c["samples"]) == {"tcp", "shm"} | extra, c["name"]

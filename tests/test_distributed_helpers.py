@@ -8,7 +8,6 @@ thread of ours)."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from distributed.comm import connect, listen
 from distributed.comm.core import Comm
 from distributed.protocol import to_serialize

@@ -129,24 +129,10 @@ def test_a_comm_its_peer_hung_up_on_lets_go_at_once(path: str, how: str) -> None
 
 
 def _held_by(pid: int) -> list[str]:
-    """Mappings and descriptors of ours in process ``pid``: our files, the
-    directory, release sockets."""
-    import os
+    """Mappings and descriptors of ours in process ``pid``."""
+    from .conftest import our_fds, our_maps
 
-    from .conftest import PREFIX, SHM_DIR
-    from dask_shm.release import open_sockets
-
-    with open(f"/proc/{pid}/maps") as f:
-        out = [line for line in f if PREFIX in line]
-    sockets = {f"socket:[{inode}]" for inode in open_sockets()}
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            t = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if PREFIX in t or t.rstrip("/") == SHM_DIR.rstrip("/") or t in sockets:
-            out.append(t)
-    return out
+    return our_maps(pid) + our_fds(pid=pid)
 
 
 def _write_fails(comm: Comm) -> bool:
@@ -234,12 +220,10 @@ def test_a_directory_that_is_not_memory_is_refused_with_one_warning(
     naming the reason."""
     import logging
 
-    from dask_shm import host as host_module
     from dask_shm import stats
     from dask_shm.names import filesystem
 
     assert filesystem(str(tmp_path)) != "tmpfs", "this test needs tmp_path on a disk"
-    host_module._warned = False
 
     async def main() -> None:
         async with listen("shm://127.0.0.1:0", echo_server) as listener:
@@ -326,5 +310,4 @@ def test_a_single_copy_link_holds_no_descriptor_on_its_peers_buffer() -> None:
             assert len([f for f in our_fds() if "-b-" in f]) == 1, our_fds()
             await comm.close()
 
-    with dask.config.set({"dask-shm.single-copy": True}):
-        run(main())
+    run(main())  # single copy: the default path

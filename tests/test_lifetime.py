@@ -22,7 +22,6 @@ from distributed.comm import connect, listen
 from distributed.comm.core import Comm
 from distributed.protocol import to_serialize
 
-import dask_shm.host
 from dask_shm import host as hosts, stats
 from dask_shm.buffers import Buffer
 from dask_shm.send import GROWTH
@@ -188,7 +187,6 @@ def tmpfs(tmp_path: Path, options: str) -> Iterator[Path]:
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"{options},mode=1777", "tmpfs", str(mnt)],
                    check=True)
-    dask_shm.host._warned = False
     try:
         yield mnt
     finally:
@@ -336,7 +334,7 @@ def test_a_link_needs_no_inode_beyond_the_probe_and_the_buffer(
 
 
 def test_no_release_socket_is_tcp_for_that_link_and_warns_once(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The accepting end cannot create a release socket (out of descriptors,
     injected): its comms are linked but send everything over TCP, intact,
@@ -539,7 +537,6 @@ def test_unusable_directory_is_plain_tcp_with_one_warning(
     ro = tmp_path / "ro"
     ro.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True)
-    dask_shm.host._warned = False
     try:
 
         async def main() -> None:

@@ -113,14 +113,14 @@ def test_check_file_judges_type_mode_and_links(tmp_path: Path) -> None:
     regular.chmod(0o600)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo, 0o600)
-    assert check_file(os.stat(regular), "b") is None
-    assert check_file(os.stat(fifo), "b") == "not a regular file"
-    assert check_file(os.stat(tmp_path), "b") == "not a regular file"
+    assert check_file(os.stat(regular)) is None
+    assert check_file(os.stat(fifo)) == "not a regular file"
+    assert check_file(os.stat(tmp_path)) == "not a regular file"
     regular.chmod(0o640)
-    assert "not owner-only" in str(check_file(os.stat(regular), "b"))
+    assert "not owner-only" in str(check_file(os.stat(regular)))
     regular.chmod(0o600)
     os.link(regular, tmp_path / "alias")
-    assert check_file(os.stat(regular), "b") == "2 hard links"
+    assert check_file(os.stat(regular)) == "2 hard links"
 
 
 def test_unlink_never_fails_and_stays_in_the_directory(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from dask_shm.bench.machine import loopback_rx_bytes
 
 __all__ = [
-    "TRANSPORTS", "local_cluster", "cluster_pair", "worker_cpu", "measure", "n_tasks", "settle",
+    "TRANSPORTS", "amm_paused", "local_cluster", "cluster_pair", "worker_cpu", "measure", "n_tasks", "settle",
     "workers", "worker_to_worker",
 ]
 
@@ -51,6 +51,22 @@ def cluster_pair(n_workers: int) -> Iterator[dict[str, Any]]:
     """A client per transport in :data:`TRANSPORTS`, all clusters running."""
     with contextlib.ExitStack() as stack:
         yield {s: stack.enter_context(local_cluster(s, n_workers)) for s in TRANSPORTS}
+
+
+@contextlib.contextmanager
+def amm_paused(clients: dict[str, Any]) -> Iterator[None]:
+    """Dask's active memory manager stopped on every cluster meanwhile (it
+    drops surplus replicas every 2 s: a measurement of held data would see
+    them go), then restarted where it ran."""
+    running = {s: c.amm.running() for s, c in clients.items()}
+    for c in clients.values():
+        c.amm.stop()
+    try:
+        yield
+    finally:
+        for s, c in clients.items():
+            if running[s]:
+                c.amm.start()
 
 
 def workers(client: Any) -> list[str]:

@@ -28,20 +28,21 @@ from typing import Any
 
 import numpy as np
 
-from dask_shm.bench.clusters import local_cluster, n_tasks, settle, workers
+from dask_shm.bench.clusters import amm_paused, local_cluster, n_tasks, settle, workers
 from dask_shm.bench.machine import proc_sizes
 from dask_shm.bench.paired import interleaved
 from dask_shm.bench.results import Case
+from dask_shm.bench.workloads import CONTROL  # the same A/A control label
 
-__all__ = ["CONTROL", "several_holders", "host_memory"]
+__all__ = ["several_holders", "host_memory"]
 
 SECTION = "holders"
-#: The A/A control: a second tcp:// cluster.
-CONTROL = "tcp again"
 
 
 def _private_pss() -> int:
-    """This process's PSS without its shared-memory pages, in bytes."""
+    """This process's PSS without its shared-memory pages, in bytes (after
+    a collection: garbage of earlier repetitions must not count)."""
+    gc.collect()
     sizes = proc_sizes("/proc/self/smaps_rollup")
     return sizes.get("Pss", 0) - sizes.get("Pss_Shmem", 0)
 
@@ -49,7 +50,6 @@ def _private_pss() -> int:
 def host_memory(client: Any) -> int:
     """The cluster's private PSS (workers and this process) plus the
     host's Shmem, in bytes."""
-    gc.collect()
     shmem = proc_sizes("/proc/meminfo").get("Shmem", 0)
     return sum(client.run(_private_pss).values()) + _private_pss() + shmem
 
@@ -118,18 +118,11 @@ def several_holders(clients: dict[str, Any], nbytes: int, reps: int, n_workers: 
     cases = []
     with local_cluster("tcp", n_workers) as control:
         every = {**clients, CONTROL: control}
-        amm = {s: c.amm.running() for s, c in every.items()}
-        for c in every.values():
-            c.amm.stop()
-        try:
-            for name, make in CASES.items():
+        with amm_paused(every):
+            for name, case_fn in CASES.items():
                 case = Case(SECTION, name, nbytes)
                 for rep in range(reps + 1):
                     for s in interleaved(list(every), rep):
-                        case.add(s, make(every[s], nbytes), warmup=rep == 0)
+                        case.add(s, case_fn(every[s], nbytes), warmup=rep == 0)
                 cases.append(case)
-        finally:
-            for s, c in every.items():
-                if amm[s]:
-                    c.amm.start()
     return cases

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from dask_shm.bench.clusters import TRANSPORTS, n_tasks, settle, workers
+from dask_shm.bench.clusters import TRANSPORTS, amm_paused, n_tasks, settle, workers
 from dask_shm.bench.machine import proc_sizes
 from dask_shm.bench.paired import interleaved
 from dask_shm.bench.results import Case
@@ -71,16 +71,9 @@ def rss_across_transfers(clients: dict[str, Any], nbytes: int, rounds: int) -> l
     (the first is not a warm-up here: it is the one-time cost)."""
     case = Case(SECTION, "RSS growth across worker->worker, x payload", nbytes, paired=False)
     pairs = {s: workers(c)[:2] for s, c in clients.items()}
-    amm = {s: c.amm.running() for s, c in clients.items()}
-    for c in clients.values():
-        c.amm.stop()
-    try:
+    with amm_paused(clients):
         for rnd in range(rounds):
             for s in interleaved(TRANSPORTS, rnd):
                 a, b = pairs[s]
                 case.add(s, _round(clients[s], a, b, nbytes))
-    finally:
-        for s, c in clients.items():
-            if amm[s]:
-                c.amm.start()
     return [case]

@@ -206,8 +206,6 @@ def memory_table(cases: list[Case]) -> str:
 
 
 def holders_table(cases: list[Case]) -> str:
-    from dask_shm.bench.holders import CONTROL
-
     head = ["case", "size", "host memory growth tcp / shm (x payload)", "tcp ms", "shm ms",
             "wall tcp/shm", f"noise ({CONTROL})"]
     rows = [[c.name, fmt_size(c.nbytes),
