@@ -116,7 +116,7 @@ def test_report_regenerates_from_json_alone(tmp_path: Path, capsys: pytest.Captu
     printed = capsys.readouterr().out
     # A summary first (the headline, with the noise), then where the rest is.
     assert printed.startswith("One default run of `dask shm bench`"), printed[:200]
-    assert "| futures | 400 MB | 2.50 / 0.50 | - | 0.90 / 1.25 |" in printed
+    assert "| futures | 400 MB | 2.50 / 0.50 | 0.90 / 1.25 | - | - |" in printed
     assert "| path, shm:// cluster | - |" in printed and "The full report" in printed
 
 
@@ -133,7 +133,7 @@ def test_results_without_paths_or_buffer_run_still_render(tmp_path: Path) -> Non
     assert TITLES["buffer"] in md and "Not measured: this results.json has none" in md
     summary = readme_summary(load(str(path)))
     rows = [r for r in summary.splitlines() if r.startswith("| futures |")]
-    assert rows and rows[0].split(" | ")[3] == "-", rows  # no buffer run: "-"
+    assert rows and rows[0].split(" | ")[4] == "-", rows  # no buffer run: "-"
 
 
 def _as_saved(run: Run) -> dict[str, object]:
@@ -183,7 +183,7 @@ def test_report_shows_the_paths_and_the_buffer_run(tmp_path: Path) -> None:
     assert "DASK_DASK_SHM__SINGLE_COPY=false" in md  # the method says how it was run
     summary = readme_summary(load(str(path)))
     [row] = [r for r in summary.splitlines() if r.startswith("| futures | 400 MB |")]
-    assert row.split(" | ")[3] == "1.50 / 0.50", row  # the buffer run's wall / CPU
+    assert row.split(" | ")[4] == "1.50 / 0.50", row  # the buffer run's wall / CPU
     assert "docs/benchmark.md" in summary
 
 

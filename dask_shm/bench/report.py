@@ -440,23 +440,26 @@ def _pair(c: Case | None) -> str:
     return f"{_x(c.ratio('tcp', 'shm'))} / {_x(c.ratio('shm', 'tcp', 'cpu'))}"
 
 
-def _noise(c: Case) -> str:
-    if not c.values(CONTROL):
+def _noise(c: Case | None) -> str:
+    if c is None or not c.values(CONTROL):
         return "-"
     return f"{_x(c.ratio('tcp', CONTROL))} / {_x(c.ratio(CONTROL, 'tcp', 'cpu'))}"
 
 
 def headline(run: Run) -> str:
     """The few lines a user reads first: each real workload's speed-up and
-    CPU on both paths, beside the noise (a second tcp:// cluster against the
-    first), and the large transfers of the mixed sequence."""
+    CPU on both paths, each beside the noise of its own run (a second
+    tcp:// cluster against the first), and the large transfers of the mixed
+    sequence."""
     m = run.machine
     machine = f"{m.get('cpu count', '?')} CPUs, {m.get('cpu model', 'unknown CPU')}"
     buffered = {c.name: c for c in run.buffer_run.section("workloads")} if run.buffer_run else {}
-    rows = [[c.name, fmt_size(c.nbytes), _pair(c), _pair(buffered.get(c.name)), _noise(c)]
+    rows = [[c.name, fmt_size(c.nbytes), _pair(c), _noise(c),
+             _pair(buffered.get(c.name)), _noise(buffered.get(c.name))]
             for c in run.section("workloads")]
     head = ["workload", "data", "shm://: wall tcp/shm / worker CPU shm/tcp",
-            "shm:// through the buffer: the same", "noise: tcp against tcp again"]
+            "noise: tcp against tcp again", "shm:// through the buffer: the same",
+            "noise of the buffer run"]
     out = [
         f"One default run of `dask shm bench` ({machine}; "
         f"{run.notes.get('wall seconds', '?')} s). Wall above 1 and CPU below 1 favour "
